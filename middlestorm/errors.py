@@ -1,0 +1,35 @@
+"""The exceptions middlestorm raises."""
+
+from storm.zope.interfaces import ZStormError
+
+__all__ = [
+    "ConfigurationError",
+    "MiddleStormError",
+    "NoRequestError",
+    "UnknownStoreError",
+    "WrongThreadError",
+]
+
+
+class MiddleStormError(Exception):
+    """Base class of every error middlestorm raises itself."""
+
+
+class ConfigurationError(MiddleStormError, ValueError):
+    """A database URI, store name or option given to middlestorm is unusable."""
+
+
+class UnknownStoreError(MiddleStormError, LookupError):
+    """A store was asked for by a name that was never configured."""
+
+
+class NoRequestError(MiddleStormError, RuntimeError):
+    """``current_store`` was used where no request (or bound registry) is active."""
+
+
+class WrongThreadError(MiddleStormError, ZStormError):
+    """A store was used from a thread other than the one it belongs to.
+
+    It subclasses Storm's ``ZStormError``, which Storm raises for the same
+    mistake when it notices it first.
+    """

@@ -1,0 +1,68 @@
+"""How a unit of work (one request) ends: commit, or abort.
+
+The rules, after repoze.tm2 and pyramid_tm: a unit of work that failed, whose
+transaction is doomed, or whose response the commit veto rejects is aborted;
+anything else is committed. A commit that fails is aborted too, and the
+thread's stores are closed: a connection whose COMMIT failed may still be in
+a transaction (SQLite's is), so the next unit of work opens a fresh one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from transaction.interfaces import ITransactionManager
+
+if TYPE_CHECKING:
+    from middlestorm.stores import StoreRegistry
+
+__all__ = ["CommitVeto", "default_commit_veto", "end_transaction"]
+
+log = logging.getLogger(__name__)
+
+#: ``veto(environ, status, headers) -> bool``: true means abort.
+CommitVeto = Callable[[dict[str, Any], str, Iterable[tuple[str, str]]], bool]
+
+
+def default_commit_veto(
+    environ: dict[str, Any], status: str, headers: Iterable[tuple[str, str]]
+) -> bool:
+    """Veto the commit of a 4xx or 5xx response.
+
+    An ``X-Tm`` response header overrides the status: ``X-Tm: commit``
+    commits, any other value aborts.
+    """
+    for name, value in headers:
+        if name.lower() == "x-tm":
+            return value.strip().lower() != "commit"
+    code = status.split(None, 1)[0]
+    return not code.isdigit() or int(code) >= 400
+
+
+def end_transaction(registry: StoreRegistry, *, commit: bool) -> None:
+    """Commit the current transaction of the registry's manager, or abort it.
+
+    A doomed transaction is aborted whatever ``commit`` says. When the commit
+    itself fails, the transaction is aborted, this thread's stores of
+    ``registry`` are closed, and the error is raised.
+    """
+    manager = registry.transaction_manager
+    if not commit or manager.isDoomed():
+        manager.abort()
+        return
+    try:
+        manager.commit()
+    except BaseException:
+        abort_quietly(manager)
+        registry.release()
+        raise
+
+
+def abort_quietly(manager: ITransactionManager) -> None:
+    """Abort, logging rather than raising an error, for use while another is raised."""
+    try:
+        manager.abort()
+    except Exception:
+        log.exception("aborting the transaction failed")

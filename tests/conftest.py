@@ -1,0 +1,185 @@
+"""Fixtures: the same tests run against SQLite and the local PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import transaction
+from storm.tracer import install_tracer, remove_tracer
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+POSTGRES_URI = os.environ.get(
+    "MIDDLESTORM_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test"
+)
+
+
+SCHEMA = {
+    "sqlite": [
+        "CREATE TABLE note (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
+        "CREATE TABLE tag (id INTEGER PRIMARY KEY, note_id INTEGER NOT NULL"
+        " REFERENCES note (id) DEFERRABLE INITIALLY DEFERRED)",
+    ],
+    "postgres": [
+        "SET lock_timeout = '10s'",
+        "DROP TABLE IF EXISTS tag, note",
+        "CREATE TABLE note (id SERIAL PRIMARY KEY, body TEXT NOT NULL)",
+        "CREATE TABLE tag (id SERIAL PRIMARY KEY, note_id INTEGER NOT NULL"
+        " REFERENCES note (id) DEFERRABLE INITIALLY DEFERRED)",
+    ],
+}
+
+
+@dataclass
+class Database:
+    """A test database, and a side door to see what is really committed in it."""
+
+    kind: str
+    uri: str
+    path: str = ""
+    name: str = field(default_factory=lambda: f"middlestorm-{uuid.uuid4().hex[:12]}")
+
+    def connect(self):
+        if self.kind == "sqlite":
+            return sqlite3.connect(self.path, timeout=10)
+        import psycopg2
+
+        return psycopg2.connect(POSTGRES_URI.replace("postgres://", "postgresql://", 1))
+
+    def run(self, *statements: str) -> None:
+        connection = self.connect()
+        try:
+            cursor = connection.cursor()
+            for statement in statements:
+                cursor.execute(statement)
+            connection.commit()
+        finally:
+            connection.close()
+
+    def query(self, statement: str, *params) -> list[tuple]:
+        connection = self.connect()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(statement, params)
+            return cursor.fetchall()
+        finally:
+            connection.close()
+
+    def notes(self) -> list[str]:
+        """The bodies of the committed notes, oldest first."""
+        return [row[0] for row in self.query("SELECT body FROM note ORDER BY id")]
+
+    def backends(self) -> int:
+        """How many server connections this test's stores hold open."""
+        assert self.kind == "postgres", "only PostgreSQL counts its connections"
+        return self.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", self.name
+        )[0][0]
+
+
+def postgres_available() -> str | None:
+    """None when the PostgreSQL server answers, else why not."""
+    try:
+        import psycopg2
+
+        psycopg2.connect(
+            POSTGRES_URI.replace("postgres://", "postgresql://", 1), connect_timeout=5
+        ).close()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}".strip()
+    return None
+
+
+def make_database(kind: str, tmp_path) -> Database:
+    """An empty database with the ``note`` and ``tag`` tables."""
+    if kind == "sqlite":
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        path = str(tmp_path / "test.db")
+        database = Database("sqlite", f"sqlite:{path}?foreign_keys=ON&timeout=10", path)
+    else:
+        require_postgres()
+        database = Database("postgres", "")
+        separator = "&" if "?" in POSTGRES_URI else "?"
+        database.uri = f"{POSTGRES_URI}{separator}application_name={database.name}"
+    database.run(*SCHEMA[database.kind])
+    return database
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request, tmp_path) -> Database:
+    """An empty test database, on SQLite and on PostgreSQL."""
+    return make_database(request.param, tmp_path)
+
+
+@pytest.fixture
+def pg(tmp_path) -> Database:
+    """An empty test database on PostgreSQL, for what only PostgreSQL can show."""
+    return make_database("postgres", tmp_path)
+
+
+def require_postgres() -> None:
+    problem = postgres_available()
+    if problem is None:
+        return
+    message = f"PostgreSQL at {POSTGRES_URI} is not reachable ({problem})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI must run the PostgreSQL tests")
+    pytest.skip(message)
+
+
+class CountingTracer:
+    """A Storm tracer recording what Storm sends to the database.
+
+    ``statements`` leaves out BEGIN, COMMIT and ROLLBACK, which Storm's SQLite
+    backend sends as statements and its PostgreSQL backend as driver calls;
+    ``commits`` and ``rollbacks`` count those, on either backend.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.statements: list[str] = []
+        self.commits = self.rollbacks = 0
+
+    def connection_raw_execute(self, connection, raw_cursor, statement, params) -> None:
+        if statement == "COMMIT":
+            self.commits += 1
+        elif statement == "ROLLBACK":
+            self.rollbacks += 1
+        elif statement != "BEGIN":
+            self.statements.append(statement.split(None, 1)[0].upper())
+
+    def seen(self) -> tuple[list[str], int, int]:
+        return list(self.statements), self.commits, self.rollbacks
+
+    def connection_commit(self, connection, xid=None) -> None:
+        self.commits += 1
+
+    def connection_rollback(self, connection, xid=None) -> None:
+        self.rollbacks += 1
+
+
+@pytest.fixture
+def tracer() -> Iterator[CountingTracer]:
+    counting = CountingTracer()
+    install_tracer(counting)
+    yield counting
+    remove_tracer(counting)
+
+
+@pytest.fixture(autouse=True)
+def _no_transaction_left_behind() -> Iterator[None]:
+    transaction.manager.abort()
+    yield
+    transaction.manager.abort()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "pg" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)

@@ -1,0 +1,63 @@
+"""A WSGI caller that behaves like a server and remembers what it saw when."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from werkzeug.test import EnvironBuilder
+
+
+@dataclass
+class Exchange:
+    """What a server saw of one request."""
+
+    status: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    written: list[bytes] = field(default_factory=list)
+    body: list[bytes] = field(default_factory=list)
+    #: What ``on_status`` returned at the moment the status reached the server.
+    seen_at_status: Any = None
+    closed: bool = False
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.written + self.body)
+
+
+def start(
+    app: Callable,
+    path: str = "/",
+    method: str = "GET",
+    on_status: Callable[[], Any] | None = None,
+    environ: dict | None = None,
+) -> tuple[Exchange, Iterable[bytes]]:
+    """Call ``app`` as a server would, up to the point where it has the body iterable."""
+    exchange = Exchange()
+    env = EnvironBuilder(path=path, method=method).get_environ()
+    env.update(environ or {})
+
+    def start_response(status, headers, exc_info=None):
+        if exc_info is not None and exchange.written:
+            raise exc_info[1].with_traceback(exc_info[2])
+        exchange.status, exchange.headers = status, list(headers)
+        if on_status is not None:
+            exchange.seen_at_status = on_status()
+        return exchange.written.append
+
+    return exchange, app(env, start_response)
+
+
+def call(app: Callable, path: str = "/", method: str = "GET", **options: Any) -> Exchange:
+    """Call ``app``, read its whole body and close it, as a server would."""
+    exchange, result = start(app, path, method, **options)
+    try:
+        for chunk in result:
+            exchange.body.append(chunk)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        exchange.closed = True
+    return exchange

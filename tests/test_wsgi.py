@@ -1,0 +1,559 @@
+"""MiddleStorm: one transaction per request, ended at the right moment (PEP 3333)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import transaction
+from storm.database import create_database
+from storm.exceptions import DisconnectionError, IntegrityError
+from storm.store import Store
+from werkzeug.wrappers import Request, Response
+
+from middlestorm import MiddleStorm, current_store, decorator, get_store, make_middleware
+from tests.conftest import make_database
+from tests.helpers import call, start
+from tests.models import Note, Tag
+
+
+@pytest.fixture
+def wrap(request):
+    """Wrap an app in MiddleStorm on the test database; close this thread's stores after."""
+    db = request.getfixturevalue("pg" if "pg" in request.fixturenames else "db")
+    made: list[MiddleStorm] = []
+
+    def wrap(app, **options) -> MiddleStorm:
+        middleware = MiddleStorm(app, db.uri, **options)
+        made.append(middleware)
+        return middleware
+
+    yield wrap
+    for middleware in made:
+        middleware.registry.release()
+
+
+def adding(body: str = "hello", status: str = "200 OK", headers=()):
+    """An app that adds a note and answers with a list body."""
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note(body))
+        start_response(status, [("Content-Type", "text/plain"), *headers])
+        return [b"ok"]
+
+    return app
+
+
+def streaming(*words: str, headers=()):
+    """An app whose body is a generator that writes a note per chunk."""
+
+    def app(environ, start_response):
+        store = environ["storm.store"]
+        start_response("200 OK", [("Content-Type", "text/plain"), *headers])
+
+        def body():
+            for word in words:
+                store.add(Note(word))
+                store.flush()
+                yield word.encode()
+
+        return body()
+
+    return app
+
+
+# -- commit and abort ---------------------------------------------------------
+
+
+def test_a_successful_request_is_committed(db, wrap):
+    response = call(wrap(adding("kept")))
+
+    assert response.status == "200 OK"
+    assert db.notes() == ["kept"]
+
+
+def test_an_exception_in_the_app_aborts(db, wrap):
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("lost"))
+        environ["storm.store"].flush()
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        call(wrap(app))
+    assert db.notes() == []
+
+
+@pytest.mark.parametrize(
+    "status", ["400 Bad Request", "404 Not Found", "500 Internal Server Error"]
+)
+def test_an_error_status_aborts(db, wrap, status):
+    response = call(wrap(adding("lost", status)))
+
+    assert response.status == status
+    assert db.notes() == []
+
+
+@pytest.mark.parametrize("status", ["200 OK", "201 Created", "204 No Content", "303 See Other"])
+def test_a_success_or_redirect_status_commits(db, wrap, status):
+    call(wrap(adding("kept", status)))
+
+    assert db.notes() == ["kept"]
+
+
+def test_an_x_tm_commit_header_commits_an_error_response(db, wrap):
+    call(wrap(adding("audit trail", "403 Forbidden", [("X-Tm", "commit")])))
+
+    assert db.notes() == ["audit trail"]
+
+
+def test_an_x_tm_abort_header_aborts_a_success_response(db, wrap):
+    call(wrap(adding("dry run", "200 OK", [("X-Tm", "abort")])))
+
+    assert db.notes() == []
+
+
+def test_a_custom_commit_veto_decides(db, wrap):
+    def veto(environ, status, headers):
+        return environ["PATH_INFO"] == "/preview"
+
+    app = wrap(adding("x"), commit_veto=veto)
+    call(app, "/preview")
+    call(app, "/save")
+
+    assert db.notes() == ["x"]
+
+
+def test_no_commit_veto_commits_error_responses_too(db, wrap):
+    call(wrap(adding("kept", "500 Internal Server Error"), commit_veto=None))
+
+    assert db.notes() == ["kept"]
+
+
+def test_a_doomed_transaction_is_aborted(db, wrap):
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("doomed"))
+        transaction.doom()
+        start_response("200 OK", [])
+        return [b""]
+
+    assert call(wrap(app)).status == "200 OK"
+    assert db.notes() == []
+
+
+def test_an_app_that_commits_itself_keeps_its_commits(db, wrap):
+    def app(environ, start_response):
+        store = environ["storm.store"]
+        store.add(Note("committed by the app"))
+        store.commit()
+        store.add(Note("not committed"))
+        start_response("500 Internal Server Error", [])
+        return [b"failed later"]
+
+    call(wrap(app))
+
+    assert db.notes() == ["committed by the app"]
+
+
+# -- the moment the transaction ends --------------------------------------------
+
+
+def test_a_list_body_is_committed_before_the_status_reaches_the_server(db, wrap):
+    response = call(wrap(adding("early")), on_status=db.notes)
+
+    assert response.seen_at_status == ["early"]
+
+
+def test_a_werkzeug_response_is_committed_before_the_status_reaches_the_server(db, wrap):
+    @Request.application
+    def app(request):
+        current_store.add(Note(request.args["body"]))
+        return Response("saved")
+
+    response = call(wrap(app), "/?body=werkzeug", on_status=db.notes)
+
+    assert response.data == b"saved"
+    assert response.seen_at_status == ["werkzeug"]
+
+
+def test_a_failing_commit_becomes_an_error_and_no_status_is_sent(db, wrap):
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("with a bad tag"))
+        environ["storm.store"].add(Tag(note_id=999_999))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with pytest.raises(IntegrityError):
+        call(wrap(app))
+
+    assert db.notes() == []
+
+
+def test_the_next_request_after_a_failed_commit_starts_clean(db, wrap):
+    def app(environ, start_response):
+        store = environ["storm.store"]
+        store.add(Note(environ["PATH_INFO"]))
+        if environ["PATH_INFO"] == "/bad":
+            store.add(Tag(note_id=999_999))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = wrap(app)
+    with pytest.raises(IntegrityError):
+        call(middleware, "/bad")
+    call(middleware, "/good")
+
+    assert db.notes() == ["/good"]
+
+
+def test_the_next_request_after_an_abort_starts_with_a_clean_store(db, wrap):
+    def app(environ, start_response):
+        store = environ["storm.store"]
+        pending = store.find(Note).count()
+        store.add(Note(environ["PATH_INFO"]))
+        start_response("400 Bad Request" if environ["PATH_INFO"] == "/bad" else "200 OK", [])
+        return [str(pending).encode()]
+
+    middleware = wrap(app)
+    call(middleware, "/bad")
+    response = call(middleware, "/good")
+
+    assert response.data == b"0"
+    assert db.notes() == ["/good"]
+
+
+def test_a_streamed_body_is_produced_inside_the_transaction(db, wrap):
+    _, body = start(wrap(streaming("one", "two", "three")))
+    iterator = iter(body)
+    assert next(iterator) == b"one"
+    assert next(iterator) == b"two"
+    assert db.notes() == []  # still open while the body is produced
+
+    assert list(iterator) == [b"three"]
+    body.close()
+
+    assert db.notes() == ["one", "two", "three"]
+
+
+def test_a_client_disconnect_during_a_streamed_body_aborts(db, wrap):
+    _, body = start(wrap(streaming("one", "two", "three")))
+    assert next(iter(body)) == b"one"
+
+    body.close()  # what a server does when the client goes away
+
+    assert db.notes() == []
+
+
+def test_an_error_while_streaming_aborts(db, wrap):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+
+        def body():
+            environ["storm.store"].add(Note("half"))
+            yield b"half"
+            raise RuntimeError("broken stream")
+
+        return body()
+
+    with pytest.raises(RuntimeError, match="broken stream"):
+        call(wrap(app))
+    assert db.notes() == []
+
+
+def test_a_streamed_body_sends_its_status_before_the_commit(db, wrap):
+    response = call(wrap(streaming("late")), on_status=db.notes)
+
+    assert response.seen_at_status == []
+    assert db.notes() == ["late"]
+
+
+def test_a_sized_body_over_the_buffer_limit_is_streamed(db, wrap):
+    app = wrap(streaming("big", headers=[("Content-Length", "3")]), buffer_limit=2)
+
+    response = call(app, on_status=db.notes)
+
+    assert response.seen_at_status == []
+    assert response.data == b"big"
+    assert db.notes() == ["big"]
+
+
+def test_a_sized_generator_body_within_the_buffer_limit_is_committed_first(db, wrap):
+    app = wrap(streaming("small", headers=[("Content-Length", "5")]))
+
+    response = call(app, on_status=db.notes)
+
+    assert response.seen_at_status == ["small"]
+    assert response.data == b"small"
+
+
+def test_the_write_callable_sends_data_and_the_request_commits(db, wrap):
+    def app(environ, start_response):
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        environ["storm.store"].add(Note("written"))
+        write(b"first, ")
+        return [b"then the rest"]
+
+    response = call(wrap(app))
+
+    assert response.data == b"first, then the rest"
+    assert db.notes() == ["written"]
+
+
+def test_a_generator_app_that_starts_the_response_late_is_committed(db, wrap):
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("late start"))
+        start_response("200 OK", [])
+        yield b"body"
+
+    response = call(wrap(app))
+
+    assert (response.status, response.data) == ("200 OK", b"body")
+    assert db.notes() == ["late start"]
+
+
+def test_an_error_page_started_with_exc_info_is_sent_and_aborts(db, wrap):
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("lost"))
+        start_response("200 OK", [])
+        try:
+            raise ValueError("bad form")
+        except ValueError:
+            import sys
+
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"sorry"]
+
+    response = call(wrap(app))
+
+    assert response.status == "500 Internal Server Error"
+    assert db.notes() == []
+
+
+# -- lazy and frugal ------------------------------------------------------------
+
+
+def test_a_request_that_never_uses_a_store_opens_no_connection(pg, wrap):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [b"static"]
+
+    call(wrap(app))
+
+    assert pg.backends() == 0
+
+
+def test_a_request_sends_what_hand_written_storm_code_sends(db, wrap, tracer):
+    store = Store(create_database(db.uri))
+    store.add(Note("warm-up"))
+    store.commit()
+    tracer.clear()
+    store.add(Note("by hand"))
+    store.commit()
+    by_hand = tracer.seen()
+    store.close()
+    middleware = wrap(adding("by middleware"))
+    call(middleware)  # the first request also opens the connection
+    tracer.clear()
+
+    call(middleware)
+
+    assert tracer.seen() == by_hand
+    assert by_hand[0][0] == "INSERT" and by_hand[1:] == (1, 0)
+
+
+def test_an_aborted_request_sends_at_most_a_rollback(db, wrap, tracer):
+    middleware = wrap(adding("lost", "400 Bad Request"))
+    call(middleware)
+    tracer.clear()
+
+    call(middleware)
+
+    statements, commits, rollbacks = tracer.seen()
+    assert (statements, commits) == ([], 0)
+    assert rollbacks <= 1
+
+
+def test_a_request_that_only_reads_sends_no_extra_statement(db, wrap, tracer):
+    def app(environ, start_response):
+        count = environ["storm.store"].find(Note).count()
+        start_response("200 OK", [])
+        return [str(count).encode()]
+
+    middleware = wrap(app)
+    call(middleware)
+    tracer.clear()
+
+    call(middleware)
+
+    assert tracer.statements == ["SELECT"]
+    assert tracer.commits <= 1 and tracer.rollbacks == 0
+
+
+# -- reaching the stores ----------------------------------------------------------
+
+
+def test_environ_holds_this_threads_store_under_the_configured_key(db, wrap):
+    seen = {}
+
+    def app(environ, start_response):
+        seen["store"] = environ["sql"]
+        seen["current"] = current_store._get_current_object()
+        start_response("200 OK", [])
+        return [b""]
+
+    call(wrap(app, key="sql"))
+
+    assert isinstance(seen["store"], Store)
+    assert seen["store"]._get_current_object() is seen["current"]
+
+
+def test_named_stores_are_reachable_and_commit_together(db, tmp_path):
+    reports = make_database("sqlite", tmp_path / "reports")
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("main"))
+        environ["middlestorm.stores"].get("reports").add(Note("report"))
+        get_store("reports").add(Note("report 2"))
+        start_response("200 OK" if environ["PATH_INFO"] == "/ok" else "409 Conflict", [])
+        return [b""]
+
+    middleware = MiddleStorm(app, db.uri, stores={"reports": reports.uri})
+    try:
+        call(middleware, "/conflict")
+        assert (db.notes(), reports.notes()) == ([], [])
+        call(middleware, "/ok")
+        assert (db.notes(), reports.notes()) == (["main"], ["report", "report 2"])
+    finally:
+        middleware.registry.release()
+
+
+def test_two_middlewares_in_one_process_keep_their_own_stores(db, wrap):
+    stores = []
+
+    def app(environ, start_response):
+        stores.append(environ["storm.store"]._get_current_object())
+        start_response("200 OK", [])
+        return [b""]
+
+    first, second = wrap(app), wrap(app)
+    call(first), call(second), call(first)
+
+    assert stores[0] is stores[2]
+    assert stores[0] is not stores[1]
+    assert first.registry is not second.registry
+
+
+def test_a_nested_middleware_joins_the_outer_requests_transaction(db, tmp_path):
+    reports = make_database("sqlite", tmp_path / "reports")
+    inner = MiddleStorm(adding("inner", "404 Not Found"), reports.uri, key="reports.store")
+
+    def outer_app(environ, start_response):
+        environ["storm.store"].add(Note("outer"))
+        return inner(environ, start_response)
+
+    outer = MiddleStorm(outer_app, db.uri)
+    try:
+        call(outer)
+        assert (db.notes(), reports.notes()) == ([], [])  # one veto for both
+    finally:
+        outer.registry.release()
+        inner.registry.release()
+
+
+# -- the drop-in API of middlestorm 0.8.1 -------------------------------------------
+
+
+def test_middlestorm_takes_a_storm_database_positionally(db):
+    middleware = MiddleStorm(adding("compat"), create_database(db.uri), "storm.store")
+    try:
+        call(middleware)
+    finally:
+        middleware.registry.release()
+
+    assert db.notes() == ["compat"]
+
+
+def test_the_decorator_wraps_an_app(db):
+    @decorator(db.uri, key="my.store")
+    def app(environ, start_response):
+        environ["my.store"].add(Note("decorated"))
+        start_response("200 OK", [])
+        return [b""]
+
+    try:
+        call(app)
+    finally:
+        app.registry.release()
+
+    assert db.notes() == ["decorated"]
+
+
+def test_the_paste_filter_factory_is_registered_and_takes_db_uri(db):
+    from importlib.metadata import entry_points
+
+    (entry_point,) = entry_points(group="paste.filter_app_factory", name="middlestorm")
+    assert entry_point.load() is make_middleware
+
+    middleware = make_middleware(adding("pasted"), {}, db_uri=db.uri, key="storm.store")
+    try:
+        call(middleware)
+    finally:
+        middleware.registry.release()
+    assert db.notes() == ["pasted"]
+
+
+# -- when the database goes away --------------------------------------------------------
+
+
+def test_requests_recover_after_the_server_drops_the_connection(pg, wrap):
+    middleware = wrap(adding("before"))
+    call(middleware)
+    pg.run(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE application_name = '{pg.name}'"
+    )
+
+    with pytest.raises(DisconnectionError):
+        call(middleware)  # the one request that finds the connection dead
+    call(middleware)
+
+    assert pg.notes() == ["before", "before"]
+
+
+# -- under a real thread-per-request server ----------------------------------------------
+
+
+def test_a_thread_per_request_server_commits_everything_and_keeps_no_connections(request, db):
+    import json
+    import threading
+    import urllib.request
+
+    from werkzeug.serving import make_server
+
+    from tests.test_stores import wait_for
+
+    def app(environ, start_response):
+        store = environ["storm.store"]
+        store.add(Note(environ["PATH_INFO"]))
+        body = json.dumps({"thread": threading.get_ident()}).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
+
+    middleware = MiddleStorm(app, db.uri)
+    server = make_server("127.0.0.1", 0, middleware, threaded=True)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    request.addfinalizer(server.server_close)
+    request.addfinalizer(server.shutdown)
+    base = f"http://127.0.0.1:{server.server_port}"
+
+    def fetch(number: int) -> int:
+        with urllib.request.urlopen(f"{base}/{number}", timeout=30) as response:
+            return json.load(response)["thread"]
+
+    with ThreadPoolExecutor(8) as clients:
+        threads = list(clients.map(fetch, range(40)))
+
+    assert sorted(db.notes()) == sorted(f"/{n}" for n in range(40))
+    assert threading.get_ident() not in threads
+    if db.kind == "postgres":
+        assert wait_for(lambda: db.backends() == 0)
