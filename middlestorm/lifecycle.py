@@ -41,23 +41,26 @@ def default_commit_veto(
     return not code.isdigit() or int(code) >= 400
 
 
-def end_transaction(registry: StoreRegistry, *, commit: bool) -> None:
+def end_transaction(registry: StoreRegistry, *, commit: bool) -> bool:
     """Commit the current transaction of the registry's manager, or abort it.
 
     A doomed transaction is aborted whatever ``commit`` says. When the commit
     itself fails, the transaction is aborted, this thread's stores of
     ``registry`` are closed, and the error is raised.
+
+    :returns: whether the transaction was committed.
     """
     manager = registry.transaction_manager
     if not commit or manager.isDoomed():
         manager.abort()
-        return
+        return False
     try:
         manager.commit()
     except BaseException:
         abort_quietly(manager)
         registry.release()
         raise
+    return True
 
 
 def abort_quietly(manager: ITransactionManager) -> None:

@@ -88,6 +88,12 @@ class StoreRegistry(ZStorm):
         """The configured store names, the default first."""
         return [self.default_name] + [n for n in self._default_uris if n != self.default_name]
 
+    def database(self, name: str | None = None) -> Database:
+        """The Storm database of the store called ``name`` (the default if ``None``)."""
+        name = self.default_name if name is None else name
+        self._check_name(name)
+        return self._default_databases[name]
+
     def get(self, name: str | None = None, default_uri: str | None = None) -> Store:
         """Return this thread's store called ``name``, creating it on first use.
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import Token
 from types import TracebackType
 from typing import Any
 
 from transaction.interfaces import ITransactionManager
 from werkzeug.local import LocalProxy
 
-from middlestorm import context
+from middlestorm import context, timing
 from middlestorm.databases import DatabaseSpec
 from middlestorm.errors import ConfigurationError
 from middlestorm.lifecycle import CommitVeto, abort_quietly, default_commit_veto, end_transaction
@@ -66,6 +68,9 @@ class MiddleStorm:
         (or a list) is produced before the commit and the status is sent
         after it; larger and unsized bodies are streamed, and the
         transaction ends when the server closes them.
+    :param server_timing: add a ``Server-Timing`` header with the request's
+        statement count and database time to responses sent after the
+        commit. Off by default: it tells clients how long queries take.
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class MiddleStorm:
         transaction_manager: ITransactionManager | None = None,
         commit_veto: CommitVeto | None = default_commit_veto,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        server_timing: bool = False,
     ) -> None:
         if isinstance(database, StoreRegistry):
             if stores or transaction_manager is not None:
@@ -106,6 +112,7 @@ class MiddleStorm:
         self.stores_key = stores_key
         self.commit_veto = commit_veto
         self.buffer_limit = buffer_limit
+        self.server_timing = server_timing
         self._default_store = LocalProxy(functools.partial(self.registry.get, None))
 
     def __repr__(self) -> str:
@@ -127,7 +134,6 @@ class _Exchange:
 
     def __init__(self, middleware: MiddleStorm, environ: Environ, start_response: StartResponse):
         self.middleware = middleware
-        self.manager = middleware.registry.transaction_manager
         self.environ = environ
         self._server_start_response = start_response
         self._server_write: Callable[[bytes], object] | None = None
@@ -135,13 +141,18 @@ class _Exchange:
         self.status: str | None = None
         self.headers: Headers = []
         self._exc_info: ExcInfo | None = None
-        self._token = None
+        self._token: Token | None = None
+        self.stats: timing.RequestStats | None = None
+        self._stats_token: Token | None = None
 
     def run(self) -> Iterable[bytes]:
-        self.manager.begin()
-        self._token = context.bind(self.middleware.registry)
+        middleware = self.middleware
+        middleware.registry.transaction_manager.begin()
+        self._token = context.bind(middleware.registry)
+        if middleware.server_timing or timing.log.isEnabledFor(logging.DEBUG):
+            self.stats, self._stats_token = timing.start()
         try:
-            result = self.middleware.app(self.environ, self.start_response)
+            result = middleware.app(self.environ, self.start_response)
         except BaseException:
             self.fail()
             raise
@@ -191,6 +202,8 @@ class _Exchange:
             self.fail()
             raise
         self.succeed()
+        if self.stats is not None and self.middleware.server_timing:
+            self.headers = [*self.headers, ("Server-Timing", self.stats.server_timing())]
         self._forward()
         return body
 
@@ -204,28 +217,51 @@ class _Exchange:
 
     def succeed(self) -> None:
         """End the transaction of a response that was produced in full."""
+        registry = self.middleware.registry
         veto = self.middleware.commit_veto
+        outcome = "aborted"
+        started = time.perf_counter()
         try:
             try:
                 commit = veto is None or not veto(self.environ, self.status or "", self.headers)
             except BaseException:
-                abort_quietly(self.manager)
+                abort_quietly(registry.transaction_manager)
                 raise
-            end_transaction(self.middleware.registry, commit=commit)
+            outcome = "committed" if end_transaction(registry, commit=commit) else "aborted"
+        except BaseException:
+            outcome = "failed to commit"
+            raise
         finally:
-            self._unbind()
+            if self.stats is not None:
+                self.stats.commit_seconds = time.perf_counter() - started
+            self._done(outcome)
 
     def fail(self) -> None:
         """Abort, while the reason (an error, a disconnect) is raised elsewhere."""
         try:
-            abort_quietly(self.manager)
+            abort_quietly(self.middleware.registry.transaction_manager)
         finally:
-            self._unbind()
+            self._done("aborted")
 
-    def _unbind(self) -> None:
+    def _done(self, outcome: str) -> None:
         if self._token is not None:
             context.unbind(self._token)
             self._token = None
+        if self._stats_token is not None:
+            timing.stop(self._stats_token)
+            self._stats_token = None
+            stats = self.stats
+            assert stats is not None
+            timing.log.debug(
+                "%s %s -> %s, %s: %d statements in %.2f ms, commit or abort %.2f ms",
+                self.environ.get("REQUEST_METHOD"),
+                self.environ.get("PATH_INFO"),
+                self.status,
+                outcome,
+                stats.statements,
+                stats.seconds * 1000,
+                stats.commit_seconds * 1000,
+            )
 
 
 class _StreamedBody:

@@ -1,0 +1,85 @@
+"""``python -m example_app``: serve the notes application with werkzeug's dev server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from storm.exceptions import DatabaseError, DisconnectionError
+from werkzeug.serving import run_simple
+
+from example_app import create_app, schema
+from middlestorm import ConfigurationError, redact_uri
+
+DB_VARIABLE = "EXAMPLE_APP_DB"
+DEFAULT_SQLITE = Path("instance") / "notes.db"
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m example_app",
+        description=(
+            "Serve the middlestorm notes example with werkzeug's development server "
+            "(a thread per request, reloading when a source file changes)."
+        ),
+    )
+    parser.add_argument(
+        "--db",
+        default=os.environ.get(DB_VARIABLE),
+        metavar="URI",
+        help=(
+            f"the database, e.g. postgres://user@localhost/notes (default: ${DB_VARIABLE}, "
+            f"else the SQLite file {DEFAULT_SQLITE}, created on first run)"
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    parser.add_argument("--port", type=int, default=5000, help="the port (default: 5000)")
+    parser.add_argument(
+        "--no-reload", action="store_true", help="do not restart when a source file changes"
+    )
+    parser.add_argument(
+        "--production",
+        action="store_true",
+        help="leave out the Server-Timing header and the DEBUG log of each request's queries",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_arguments(argv)
+    db_uri = options.db
+    if not db_uri:
+        DEFAULT_SQLITE.parent.mkdir(parents=True, exist_ok=True)
+        db_uri = f"sqlite:{DEFAULT_SQLITE}"
+    dev_mode = not options.production
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if dev_mode:
+        logging.getLogger("middlestorm.timing").setLevel(logging.DEBUG)
+    try:
+        app = create_app(db_uri, server_timing=dev_mode)
+        schema.upgrade(app.registry.database())
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (DisconnectionError, DatabaseError) as error:
+        print(
+            f"error: cannot reach the database {redact_uri(db_uri)}: "
+            f"{redact_uri(str(error)).strip()}",
+            file=sys.stderr,
+        )
+        return 1
+    run_simple(
+        options.host,
+        options.port,
+        app,
+        use_reloader=not options.no_reload,
+        threaded=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

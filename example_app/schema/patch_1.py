@@ -1,0 +1,5 @@
+"""Notes remember when they were last edited."""
+
+
+def apply(store):
+    store.execute("ALTER TABLE note ADD COLUMN updated TIMESTAMP")
