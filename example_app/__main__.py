@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 from storm.exceptions import DatabaseError, DisconnectionError
 from werkzeug.serving import run_simple
 
-from example_app import create_app, schema
+from example_app import create_app
+from example_app.config import DB_VARIABLE, DEFAULT_SQLITE, database_uri
 from middlestorm import ConfigurationError, redact_uri
-
-DB_VARIABLE = "EXAMPLE_APP_DB"
-DEFAULT_SQLITE = Path("instance") / "notes.db"
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +24,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--db",
-        default=os.environ.get(DB_VARIABLE),
+        default=None,
         metavar="URI",
         help=(
             f"the database, e.g. postgres://user@localhost/notes (default: ${DB_VARIABLE}, "
@@ -50,17 +46,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_arguments(argv)
-    db_uri = options.db
-    if not db_uri:
-        DEFAULT_SQLITE.parent.mkdir(parents=True, exist_ok=True)
-        db_uri = f"sqlite:{DEFAULT_SQLITE}"
+    db_uri = database_uri(options.db)
     dev_mode = not options.production
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if dev_mode:
         logging.getLogger("middlestorm.timing").setLevel(logging.DEBUG)
     try:
         app = create_app(db_uri, server_timing=dev_mode)
-        schema.upgrade(app.registry.database())
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -12,6 +13,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.utils import redirect
 from werkzeug.wrappers import Request, Response
 
+from example_app import schema
 from example_app.models import MAX_LENGTH, Note, validate_body
 from middlestorm import MiddleStorm, current_store
 
@@ -31,8 +33,20 @@ URLS = Map(
 
 
 def create_app(db_uri: str, *, server_timing: bool = False) -> MiddleStorm:
-    """The notes application on the database at ``db_uri``, wrapped in MiddleStorm."""
-    return MiddleStorm(notes_app, db_uri, server_timing=server_timing)
+    """The notes application on the database at ``db_uri``, wrapped in MiddleStorm.
+
+    The schema is created or upgraded first, with this thread's store.
+    """
+    app = MiddleStorm(notes_app, db_uri, server_timing=server_timing)
+    schema.upgrade(app.registry.get())
+    app.registry.transaction_manager.commit()
+    return app
+
+
+def paste_app_factory(global_conf: dict[str, str], **local_conf: str) -> Callable:
+    """The bare notes app for Paste Deploy, where middlestorm is a filter (deploy.ini)."""
+    schema.upgrade_database(global_conf["db_uri"])
+    return notes_app
 
 
 @Request.application

@@ -187,10 +187,19 @@ class _Exchange:
     def _body_is_complete(self, result: Iterable[bytes]) -> bool:
         if self.status is None or self._server_write is not None:
             return False
-        if isinstance(result, (list, tuple)):
+        if isinstance(result, (list, tuple)) or self._has_no_body():
             return True
         length = _content_length(self.headers)
         return length is not None and length <= self.middleware.buffer_limit
+
+    def _has_no_body(self) -> bool:
+        """HEAD requests and 1xx, 204 and 304 responses have no body in HTTP."""
+        code = (self.status or "")[:3]
+        return (
+            self.environ.get("REQUEST_METHOD") == "HEAD"
+            or code in ("204", "304")
+            or (code.startswith("1"))
+        )
 
     def _commit_then_send(self, result: Iterable[bytes]) -> list[bytes]:
         try:
@@ -338,12 +347,23 @@ def decorator(
 
 
 def make_middleware(
-    app: WSGIApp, global_conf: Mapping[str, str], db_uri: str, key: str = "storm.store"
+    app: WSGIApp,
+    global_conf: Mapping[str, str],
+    db_uri: str | None = None,
+    key: str = "storm.store",
 ) -> MiddleStorm:
     """The Paste Deploy filter factory (``egg:middlestorm#middlestorm``)::
 
-    [filter:storm]
-    use = egg:middlestorm#middlestorm
-    db_uri = postgres://app@localhost/app
+        [filter:storm]
+        use = egg:middlestorm#middlestorm
+        db_uri = postgres://app@localhost/app
+
+    ``db_uri`` may also come from the ``[DEFAULT]`` section.
     """
+    db_uri = db_uri or global_conf.get("db_uri")
+    if not db_uri:
+        raise ConfigurationError(
+            "the middlestorm filter needs a database: add 'db_uri = <URI>' to its "
+            "section or to [DEFAULT]"
+        )
     return MiddleStorm(app, db_uri, key)

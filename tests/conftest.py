@@ -94,8 +94,8 @@ def postgres_available() -> str | None:
     return None
 
 
-def make_database(kind: str, tmp_path) -> Database:
-    """An empty database with the ``note`` and ``tag`` tables."""
+def make_database(kind: str, tmp_path, *, tables: bool = True) -> Database:
+    """An empty database, with the ``note`` and ``tag`` tables unless ``tables`` is false."""
     if kind == "sqlite":
         tmp_path.mkdir(parents=True, exist_ok=True)
         path = str(tmp_path / "test.db")
@@ -105,7 +105,10 @@ def make_database(kind: str, tmp_path) -> Database:
         database = Database("postgres", "")
         separator = "&" if "?" in POSTGRES_URI else "?"
         database.uri = f"{POSTGRES_URI}{separator}application_name={database.name}"
-    database.run(*SCHEMA[database.kind])
+    if tables:
+        database.run(*SCHEMA[database.kind])
+    elif kind == "postgres":
+        database.run("SET lock_timeout = '10s'", "DROP TABLE IF EXISTS tag, note, patch")
     return database
 
 
@@ -113,6 +116,12 @@ def make_database(kind: str, tmp_path) -> Database:
 def db(request, tmp_path) -> Database:
     """An empty test database, on SQLite and on PostgreSQL."""
     return make_database(request.param, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_db(request, tmp_path) -> Database:
+    """A test database without tables, on SQLite and on PostgreSQL."""
+    return make_database(request.param, tmp_path, tables=False)
 
 
 @pytest.fixture
@@ -136,7 +145,8 @@ class CountingTracer:
 
     ``statements`` leaves out BEGIN, COMMIT and ROLLBACK, which Storm's SQLite
     backend sends as statements and its PostgreSQL backend as driver calls;
-    ``commits`` and ``rollbacks`` count those, on either backend.
+    ``commits`` and ``rollbacks`` count those, on either backend; ``raw``
+    counts every statement sent, BEGIN and COMMIT included.
     """
 
     def __init__(self) -> None:
@@ -144,9 +154,10 @@ class CountingTracer:
 
     def clear(self) -> None:
         self.statements: list[str] = []
-        self.commits = self.rollbacks = 0
+        self.commits = self.rollbacks = self.raw = 0
 
     def connection_raw_execute(self, connection, raw_cursor, statement, params) -> None:
+        self.raw += 1
         if statement == "COMMIT":
             self.commits += 1
         elif statement == "ROLLBACK":

@@ -11,7 +11,14 @@ from storm.exceptions import DisconnectionError, IntegrityError
 from storm.store import Store
 from werkzeug.wrappers import Request, Response
 
-from middlestorm import MiddleStorm, current_store, decorator, get_store, make_middleware
+from middlestorm import (
+    ConfigurationError,
+    MiddleStorm,
+    current_store,
+    decorator,
+    get_store,
+    make_middleware,
+)
 from tests.conftest import make_database
 from tests.helpers import call, start
 from tests.models import Note, Tag
@@ -173,6 +180,18 @@ def test_a_werkzeug_response_is_committed_before_the_status_reaches_the_server(d
 
     assert response.data == b"saved"
     assert response.seen_at_status == ["werkzeug"]
+
+
+@pytest.mark.parametrize(("method", "status"), [("DELETE", 204), ("GET", 304), ("HEAD", 200)])
+def test_a_response_without_a_body_is_committed_before_the_status(db, wrap, method, status):
+    @Request.application
+    def app(request):
+        current_store.add(Note(request.method))
+        return Response("ignored", status) if request.method == "HEAD" else Response(status=status)
+
+    response = call(wrap(app), method=method, on_status=db.notes)
+
+    assert response.seen_at_status == [method]
 
 
 def test_a_failing_commit_becomes_an_error_and_no_status_is_sent(db, wrap):
@@ -499,6 +518,20 @@ def test_the_paste_filter_factory_is_registered_and_takes_db_uri(db):
     finally:
         middleware.registry.release()
     assert db.notes() == ["pasted"]
+
+
+def test_the_paste_filter_takes_db_uri_from_the_default_section(db):
+    middleware = make_middleware(adding("from defaults"), {"db_uri": db.uri})
+    try:
+        call(middleware)
+    finally:
+        middleware.registry.release()
+    assert db.notes() == ["from defaults"]
+
+
+def test_the_paste_filter_without_db_uri_says_what_to_add():
+    with pytest.raises(ConfigurationError, match="add 'db_uri = <URI>'"):
+        make_middleware(adding(), {})
 
 
 # -- when the database goes away --------------------------------------------------------

@@ -6,7 +6,7 @@ applied; an older one gets the patches it lacks (``patch_N.py`` here).
 
 import sys
 
-from storm.database import Database
+from storm.database import Database, create_database
 from storm.schema import Schema
 from storm.store import Store
 
@@ -31,11 +31,16 @@ def schema_for(database: Database) -> Schema:
     return Schema(CREATES[scheme], DROPS, DELETES, sys.modules[__name__])
 
 
-def upgrade(database: Database) -> None:
-    """Create the schema, or apply the patches it lacks."""
-    store = Store(database)
+def upgrade_database(db_uri: str) -> None:
+    """Create or upgrade the schema of the database at ``db_uri``, with a store of its own."""
+    store = Store(create_database(db_uri))
     try:
-        schema_for(database).upgrade(store)
-        store.commit()
+        upgrade(store)
     finally:
         store.close()
+
+
+def upgrade(store: Store) -> None:
+    """Create the schema in ``store``'s database, or apply the patches it lacks."""
+    schema_for(store.get_database()).upgrade(store)
+    store.commit()
