@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from typing import TypeAlias
 
 from storm.database import Database, _database_schemes, create_database
 from storm.exceptions import DatabaseModuleError, URIError
@@ -14,7 +15,7 @@ from middlestorm.errors import ConfigurationError
 __all__ = ["DatabaseSpec", "open_database", "redact_uri"]
 
 #: What may name a database: a Storm ``Database`` or a URI string.
-DatabaseSpec = Database | str
+DatabaseSpec: TypeAlias = "Database | str"
 
 _USERINFO_PASSWORD = re.compile(r"(//[^/:@]*:)[^/]*@")
 _OPTION_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)

@@ -76,7 +76,6 @@ class StoreRegistry(ZStorm):
             self._default_uris[name] = shown
         self.default_name = next(iter(databases)) if default is None else default
         self._check_name(self.default_name)
-        self._pid = os.getpid()
         _registries.add(self)
 
     def __repr__(self) -> str:
@@ -151,7 +150,6 @@ class StoreRegistry(ZStorm):
         # The parent's stores stay behind in the old thread-local, whose
         # finalizers see the new pid and abandon the connections unused.
         self._local = threading.local()
-        self._pid = os.getpid()
 
 
 class _ThreadStores:
