@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -79,17 +80,21 @@ def start_server(command: list[str], db_uri: str, log: Path, cwd: Path = REPO, p
 
 
 def request(url: str, data: dict | None = None) -> tuple[int | None, object]:
-    """``(status, JSON body)``, or ``(None, error)`` when no answer came."""
+    """``(status, JSON body)``; the body is None when it was cut off (a server
+    restarting), and the status too when no status came."""
     body = json.dumps(data).encode() if data is not None else None
     headers = {"Content-Type": "application/json"} if data is not None else {}
     try:
         with urllib.request.urlopen(
             urllib.request.Request(url, body, headers), timeout=TIMEOUT
         ) as response:
-            return response.status, json.load(response)
+            try:
+                return response.status, json.load(response)
+            except (http.client.HTTPException, OSError, ValueError):
+                return response.status, None
     except urllib.error.HTTPError as error:
         return error.code, None
-    except (OSError, ValueError) as error:
+    except (http.client.HTTPException, OSError, ValueError) as error:
         return None, error
 
 
@@ -132,8 +137,8 @@ def exercise(
             else:
                 score.refused.add(body)
                 assert status == 400 and not valid, f"{status} for {body[:30]!r}"
-            status, _ = request(base_url + "/api/notes")
-            if status != 200:
+            status, notes = request(base_url + "/api/notes")
+            if status != 200 or notes is None:
                 score.read_failures += 1
 
     with ThreadPoolExecutor(clients + 1) as pool:

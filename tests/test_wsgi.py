@@ -25,19 +25,24 @@ from tests.models import Note, Tag
 
 
 @pytest.fixture
-def wrap(request):
-    """Wrap an app in MiddleStorm on the test database; close this thread's stores after."""
-    db = request.getfixturevalue("pg" if "pg" in request.fixturenames else "db")
+def released():
+    """Close this thread's stores of the middlewares given to it, after the test."""
     made: list[MiddleStorm] = []
 
-    def wrap(app, **options) -> MiddleStorm:
-        middleware = MiddleStorm(app, db.uri, **options)
+    def released(middleware: MiddleStorm) -> MiddleStorm:
         made.append(middleware)
         return middleware
 
-    yield wrap
+    yield released
     for middleware in made:
         middleware.registry.release()
+
+
+@pytest.fixture
+def wrap(request, released):
+    """Wrap an app in MiddleStorm on the test database."""
+    db = request.getfixturevalue("pg" if "pg" in request.fixturenames else "db")
+    return lambda app, **options: released(MiddleStorm(app, db.uri, **options))
 
 
 def adding(body: str = "hello", status: str = "200 OK", headers=()):
@@ -425,7 +430,7 @@ def test_environ_holds_this_threads_store_under_the_configured_key(db, wrap):
     assert seen["store"]._get_current_object() is seen["current"]
 
 
-def test_named_stores_are_reachable_and_commit_together(db, tmp_path):
+def test_named_stores_are_reachable_and_commit_together(db, tmp_path, released):
     reports = make_database("sqlite", tmp_path / "reports")
 
     def app(environ, start_response):
@@ -435,14 +440,12 @@ def test_named_stores_are_reachable_and_commit_together(db, tmp_path):
         start_response("200 OK" if environ["PATH_INFO"] == "/ok" else "409 Conflict", [])
         return [b""]
 
-    middleware = MiddleStorm(app, db.uri, stores={"reports": reports.uri})
-    try:
-        call(middleware, "/conflict")
-        assert (db.notes(), reports.notes()) == ([], [])
-        call(middleware, "/ok")
-        assert (db.notes(), reports.notes()) == (["main"], ["report", "report 2"])
-    finally:
-        middleware.registry.release()
+    middleware = released(MiddleStorm(app, db.uri, stores={"reports": reports.uri}))
+
+    call(middleware, "/conflict")
+    assert (db.notes(), reports.notes()) == ([], [])
+    call(middleware, "/ok")
+    assert (db.notes(), reports.notes()) == (["main"], ["report", "report 2"])
 
 
 def test_two_middlewares_in_one_process_keep_their_own_stores(db, wrap):
@@ -461,71 +464,54 @@ def test_two_middlewares_in_one_process_keep_their_own_stores(db, wrap):
     assert first.registry is not second.registry
 
 
-def test_a_nested_middleware_joins_the_outer_requests_transaction(db, tmp_path):
+def test_a_nested_middleware_joins_the_outer_requests_transaction(db, tmp_path, released):
     reports = make_database("sqlite", tmp_path / "reports")
-    inner = MiddleStorm(adding("inner", "404 Not Found"), reports.uri, key="reports.store")
+    inner = released(
+        MiddleStorm(adding("inner", "404 Not Found"), reports.uri, key="reports.store")
+    )
 
     def outer_app(environ, start_response):
         environ["storm.store"].add(Note("outer"))
         return inner(environ, start_response)
 
-    outer = MiddleStorm(outer_app, db.uri)
-    try:
-        call(outer)
-        assert (db.notes(), reports.notes()) == ([], [])  # one veto for both
-    finally:
-        outer.registry.release()
-        inner.registry.release()
+    call(released(MiddleStorm(outer_app, db.uri)))
+
+    assert (db.notes(), reports.notes()) == ([], [])  # one veto for both
 
 
 # -- the drop-in API of middlestorm 0.8.1 -------------------------------------------
 
 
-def test_middlestorm_takes_a_storm_database_positionally(db):
-    middleware = MiddleStorm(adding("compat"), create_database(db.uri), "storm.store")
-    try:
-        call(middleware)
-    finally:
-        middleware.registry.release()
+def test_middlestorm_takes_a_storm_database_positionally(db, released):
+    call(released(MiddleStorm(adding("compat"), create_database(db.uri), "storm.store")))
 
     assert db.notes() == ["compat"]
 
 
-def test_the_decorator_wraps_an_app(db):
+def test_the_decorator_wraps_an_app(db, released):
     @decorator(db.uri, key="my.store")
     def app(environ, start_response):
         environ["my.store"].add(Note("decorated"))
         start_response("200 OK", [])
         return [b""]
 
-    try:
-        call(app)
-    finally:
-        app.registry.release()
+    call(released(app))
 
     assert db.notes() == ["decorated"]
 
 
-def test_the_paste_filter_factory_is_registered_and_takes_db_uri(db):
+def test_the_paste_filter_factory_is_registered_and_takes_db_uri(db, released):
     from importlib.metadata import entry_points
 
     (entry_point,) = entry_points(group="paste.filter_app_factory", name="middlestorm")
     assert entry_point.load() is make_middleware
 
-    middleware = make_middleware(adding("pasted"), {}, db_uri=db.uri, key="storm.store")
-    try:
-        call(middleware)
-    finally:
-        middleware.registry.release()
+    call(released(make_middleware(adding("pasted"), {}, db_uri=db.uri, key="storm.store")))
     assert db.notes() == ["pasted"]
 
 
-def test_the_paste_filter_takes_db_uri_from_the_default_section(db):
-    middleware = make_middleware(adding("from defaults"), {"db_uri": db.uri})
-    try:
-        call(middleware)
-    finally:
-        middleware.registry.release()
+def test_the_paste_filter_takes_db_uri_from_the_default_section(db, released):
+    call(released(make_middleware(adding("from defaults"), {"db_uri": db.uri})))
     assert db.notes() == ["from defaults"]
 
 
