@@ -184,3 +184,22 @@ def test_with_no_database_given_it_serves_an_sqlite_file_it_creates(tmp_path):
     server.stop()
 
     assert (tmp_path / "instance" / "notes.db").is_file()
+
+
+def test_processes_starting_together_create_the_schema_once(empty_db):
+    script = (
+        "import sys; from example_app.schema import upgrade_database; upgrade_database(sys.argv[1])"
+    )
+    starting = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, empty_db.uri],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    errors = [process.communicate(timeout=60)[1] for process in starting]
+
+    assert [process.returncode for process in starting] == [0] * 4, errors
+    assert empty_db.query("SELECT version FROM patch") == [(1,)]
