@@ -4,11 +4,12 @@ A new database gets the ``CREATES`` statements and every patch marked as
 applied; an older one gets the patches it lacks (``patch_N.py`` here).
 """
 
+import fcntl
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from storm.database import Database, create_database
-from storm.exceptions import StormError
 from storm.schema import Schema
 from storm.store import Store
 
@@ -44,30 +45,39 @@ def upgrade_database(db_uri: str) -> None:
         store.close()
 
 
-def upgrade(store: Store, attempts: int = 5) -> None:
+def upgrade(store: Store) -> None:
     """Create the schema in ``store``'s database, or apply the patches it lacks.
 
-    Processes that start together (gunicorn's workers) take turns: on
-    PostgreSQL behind an advisory lock; on SQLite, whose second writer fails
-    instead of waiting, by trying again once the first has committed.
+    The upgrade is one transaction, and processes that start together
+    (gunicorn's workers) take turns: on PostgreSQL through an advisory lock,
+    on SQLite through a lock on the database file.
     """
     schema = schema_for(store.get_database())
-    postgres = store.get_database().get_uri().scheme == "postgres"
-    for attempt in range(1, attempts + 1):
+    schema.autocommit(False)
+    with one_process_at_a_time(store):
         try:
-            if postgres:
-                store.execute("SELECT pg_advisory_lock(?)", (LOCK_KEY,))
-            try:
-                schema.upgrade(store)
-                store.commit()
-            finally:
-                if postgres:
-                    store.rollback()
-                    store.execute("SELECT pg_advisory_unlock(?)", (LOCK_KEY,))
-                    store.commit()
-            return
-        except StormError:
+            schema.upgrade(store)
+            store.commit()
+        except BaseException:
             store.rollback()
-            if attempt == attempts:
-                raise
-            time.sleep(0.1 * attempt)
+            raise
+
+
+@contextmanager
+def one_process_at_a_time(store: Store) -> Iterator[None]:
+    uri = store.get_database().get_uri()
+    if uri.scheme == "postgres":
+        store.execute("SELECT pg_advisory_lock(?)", (LOCK_KEY,))
+        store.commit()  # a session lock: the upgrade's snapshot is taken after it
+        try:
+            yield
+        finally:
+            store.execute("SELECT pg_advisory_unlock(?)", (LOCK_KEY,))
+            store.commit()
+    elif uri.scheme == "sqlite" and uri.database not in (None, "", ":memory:"):
+        # flock() locks are separate from the fcntl() locks SQLite takes.
+        with open(uri.database, "ab") as database_file:
+            fcntl.flock(database_file, fcntl.LOCK_EX)
+            yield
+    else:
+        yield
