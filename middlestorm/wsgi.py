@@ -176,8 +176,6 @@ class _Exchange:
         return self.write
 
     def write(self, data: bytes) -> None:
-        if self.status is None:
-            raise AssertionError("write() called before start_response()")
         self._forward()
         assert self._server_write is not None
         self._server_write(data)
@@ -194,12 +192,10 @@ class _Exchange:
 
     def _has_no_body(self) -> bool:
         """HEAD requests and 1xx, 204 and 304 responses have no body in HTTP."""
+        if self.environ.get("REQUEST_METHOD") == "HEAD":
+            return True
         code = (self.status or "")[:3]
-        return (
-            self.environ.get("REQUEST_METHOD") == "HEAD"
-            or code in ("204", "304")
-            or (code.startswith("1"))
-        )
+        return code in ("204", "304") or code.startswith("1")
 
     def _commit_then_send(self, result: Iterable[bytes]) -> list[bytes]:
         try:
@@ -226,20 +222,17 @@ class _Exchange:
 
     def succeed(self) -> None:
         """End the transaction of a response that was produced in full."""
-        registry = self.middleware.registry
         veto = self.middleware.commit_veto
-        outcome = "aborted"
-        started = time.perf_counter()
         try:
-            try:
-                commit = veto is None or not veto(self.environ, self.status or "", self.headers)
-            except BaseException:
-                abort_quietly(registry.transaction_manager)
-                raise
-            outcome = "committed" if end_transaction(registry, commit=commit) else "aborted"
+            commit = veto is None or not veto(self.environ, self.status or "", self.headers)
         except BaseException:
-            outcome = "failed to commit"
+            self.fail()
             raise
+        started = time.perf_counter()
+        outcome = "failed to commit"
+        try:
+            committed = end_transaction(self.middleware.registry, commit=commit)
+            outcome = "committed" if committed else "aborted"
         finally:
             if self.stats is not None:
                 self.stats.commit_seconds = time.perf_counter() - started
@@ -282,6 +275,7 @@ class _StreamedBody:
         self._exchange = exchange
         self._exhausted = False
         self._failed = False
+        self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -299,6 +293,9 @@ class _StreamedBody:
             raise
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         exchange = self._exchange
         try:
             _close(self._result)
@@ -338,10 +335,10 @@ def _content_length(headers: Headers) -> int | None:
 def decorator(
     database: DatabaseSpec | StoreRegistry, key: str = "storm.store", **options: Any
 ) -> Callable[[WSGIApp], MiddleStorm]:
-    """Wrap the decorated WSGI application in :class:`MiddleStorm`::
+    """Wrap the decorated WSGI application in :class:`MiddleStorm`.
 
-    @decorator("sqlite:app.db")
-    def app(environ, start_response): ...
+    ``@decorator("sqlite:app.db")`` above ``def app(environ, start_response)``
+    is ``app = MiddleStorm(app, "sqlite:app.db")``.
     """
     return lambda app: MiddleStorm(app, database, key, **options)
 

@@ -141,6 +141,33 @@ def test_no_commit_veto_commits_error_responses_too(db, wrap):
     assert db.notes() == ["kept"]
 
 
+def test_a_commit_veto_that_raises_aborts_and_the_error_propagates(db, wrap):
+    def veto(environ, status, headers):
+        raise KeyError("broken veto")
+
+    middleware = wrap(adding("lost"), commit_veto=veto)
+    with pytest.raises(KeyError, match="broken veto"):
+        call(middleware)
+
+    assert db.notes() == []
+
+
+def test_an_injected_transaction_manager_is_the_one_used(db, wrap):
+    manager = transaction.TransactionManager()
+    seen = []
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("own manager"))
+        seen.append(manager.get() is not transaction.manager.get())
+        start_response("200 OK", [])
+        return [b""]
+
+    call(wrap(app, transaction_manager=manager))
+
+    assert seen == [True]
+    assert db.notes() == ["own manager"]
+
+
 def test_a_doomed_transaction_is_aborted(db, wrap):
     def app(environ, start_response):
         environ["storm.store"].add(Note("doomed"))
@@ -281,6 +308,36 @@ def test_an_error_while_streaming_aborts(db, wrap):
     with pytest.raises(RuntimeError, match="broken stream"):
         call(wrap(app))
     assert db.notes() == []
+
+
+def test_a_commit_failing_after_a_streamed_status_is_logged_and_raised(db, wrap, caplog):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+
+        def body():
+            environ["storm.store"].add(Tag(note_id=999_999))
+            yield b"looks fine"
+
+        return body()
+
+    with pytest.raises(IntegrityError):
+        call(wrap(app))
+
+    assert "commit failed after the response (200 OK) was sent" in caplog.text
+    assert db.query("SELECT count(*) FROM tag") == [(0,)]
+
+
+def test_closing_a_streamed_body_twice_ends_the_transaction_once(db, wrap):
+    _, body = start(wrap(streaming("once")))
+    assert list(body) == [b"once"]
+    body.close()
+    transaction.begin()
+    other = transaction.get()
+
+    body.close()
+
+    assert transaction.get() is other and not other.isDoomed()
+    assert db.notes() == ["once"]
 
 
 def test_a_streamed_body_sends_its_status_before_the_commit(db, wrap):
