@@ -86,6 +86,13 @@ class MiddleStorm:
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
         server_timing: bool = False,
     ) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be a WSGI application (a callable), not {app!r}")
+        if commit_veto is not None and not callable(commit_veto):
+            raise TypeError(
+                "commit_veto must be a callable veto(environ, status, headers) -> bool "
+                f"or None, not {commit_veto!r}"
+            )
         if isinstance(database, StoreRegistry):
             if stores or transaction_manager is not None:
                 raise ConfigurationError(

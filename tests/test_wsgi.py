@@ -14,6 +14,7 @@ from werkzeug.wrappers import Request, Response
 from middlestorm import (
     ConfigurationError,
     MiddleStorm,
+    StoreRegistry,
     current_store,
     decorator,
     get_store,
@@ -567,6 +568,29 @@ def test_the_paste_filter_factory_is_registered_and_takes_db_uri(db, released):
     assert db.notes() == ["pasted"]
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"app": "not an app"}, "app must be a WSGI application"),
+        ({"commit_veto": True}, "commit_veto must be a callable"),
+        ({"buffer_limit": -1}, "buffer_limit must be a whole number"),
+        ({"stores": {"main": "sqlite:"}}, "'main' names the default store"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message_that_names_them(arguments, message):
+    arguments = {"app": adding(), "database": "sqlite:", **arguments}
+
+    with pytest.raises((TypeError, ConfigurationError), match=message):
+        MiddleStorm(**arguments)
+
+
+def test_a_registry_given_to_the_middleware_brings_its_own_stores(db):
+    registry = StoreRegistry({"main": db.uri})
+
+    with pytest.raises(ConfigurationError, match="pass stores and transaction_manager"):
+        MiddleStorm(adding(), registry, stores={"other": db.uri})
+
+
 def test_the_paste_filter_takes_db_uri_from_the_default_section(db, released):
     call(released(make_middleware(adding("from defaults"), {"db_uri": db.uri})))
     assert db.notes() == ["from defaults"]
@@ -596,6 +620,41 @@ def test_requests_recover_after_the_server_drops_the_connection(pg, wrap):
 
 
 # -- under a real thread-per-request server ----------------------------------------------
+
+
+def test_a_client_that_hangs_up_mid_stream_on_a_real_server_leaves_nothing_saved(request, db):
+    import socket
+    import threading
+
+    from werkzeug.serving import make_server
+
+    stream_ended = threading.Event()
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("never finished"))
+        environ["storm.store"].flush()
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+        def body():
+            try:
+                for _ in range(2000):  # 128 MiB at most; the hang-up stops it long before
+                    yield b"x" * 65536
+            finally:
+                stream_ended.set()
+
+        return body()
+
+    server = make_server("127.0.0.1", 0, MiddleStorm(app, db.uri), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    request.addfinalizer(server.server_close)
+    request.addfinalizer(server.shutdown)
+
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")
+    assert stream_ended.wait(30)
+
+    assert db.notes() == []
 
 
 def test_a_thread_per_request_server_commits_everything_and_keeps_no_connections(request, db):
