@@ -17,20 +17,6 @@ from example_app import schema
 from example_app.models import MAX_LENGTH, Note, validate_body
 from middlestorm import MiddleStorm, current_store
 
-URLS = Map(
-    [
-        Rule("/", endpoint="page", methods=["GET"]),
-        Rule("/", endpoint="page_create", methods=["POST"]),
-        Rule("/notes/<int:note_id>", endpoint="page_update", methods=["POST"]),
-        Rule("/notes/<int:note_id>/delete", endpoint="page_delete", methods=["POST"]),
-        Rule("/api/notes", endpoint="api_list", methods=["GET"]),
-        Rule("/api/notes", endpoint="api_create", methods=["POST"]),
-        Rule("/api/notes/<int:note_id>", endpoint="api_get", methods=["GET"]),
-        Rule("/api/notes/<int:note_id>", endpoint="api_update", methods=["PUT"]),
-        Rule("/api/notes/<int:note_id>", endpoint="api_delete", methods=["DELETE"]),
-    ]
-)
-
 
 def create_app(db_uri: str, *, server_timing: bool = False) -> MiddleStorm:
     """The notes application on the database at ``db_uri``, wrapped in MiddleStorm.
@@ -53,8 +39,8 @@ def paste_app_factory(global_conf: dict[str, str], **local_conf: str) -> Callabl
 def notes_app(request: Request) -> Response:
     adapter = URLS.bind_to_environ(request.environ)
     try:
-        endpoint, values = adapter.match()
-        return VIEWS[endpoint](request, **values)
+        view, values = adapter.match()
+        return view(request, **values)
     except HTTPException as error:
         if request.path.startswith("/api/"):
             return json_response({"error": error.description}, error.code)
@@ -168,17 +154,17 @@ def json_response(data: Any, status: int = 200, **headers: str) -> Response:
     return Response(json.dumps(data), status, headers, content_type="application/json")
 
 
-VIEWS = {
-    name: globals()[name]
-    for name in (
-        "page",
-        "page_create",
-        "page_update",
-        "page_delete",
-        "api_list",
-        "api_create",
-        "api_get",
-        "api_update",
-        "api_delete",
-    )
-}
+#: Each rule's endpoint is its view function.
+URLS = Map(
+    [
+        Rule("/", endpoint=page, methods=["GET"]),
+        Rule("/", endpoint=page_create, methods=["POST"]),
+        Rule("/notes/<int:note_id>", endpoint=page_update, methods=["POST"]),
+        Rule("/notes/<int:note_id>/delete", endpoint=page_delete, methods=["POST"]),
+        Rule("/api/notes", endpoint=api_list, methods=["GET"]),
+        Rule("/api/notes", endpoint=api_create, methods=["POST"]),
+        Rule("/api/notes/<int:note_id>", endpoint=api_get, methods=["GET"]),
+        Rule("/api/notes/<int:note_id>", endpoint=api_update, methods=["PUT"]),
+        Rule("/api/notes/<int:note_id>", endpoint=api_delete, methods=["DELETE"]),
+    ]
+)
