@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from storm.store import Store
 from werkzeug.local import LocalProxy
@@ -14,6 +14,8 @@ from middlestorm.errors import NoRequestError
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
+
+T = TypeVar("T")
 
 __all__ = ["current_registry", "current_store", "get_store", "use_registry"]
 
@@ -55,11 +57,16 @@ def bind(registry: StoreRegistry) -> Token[StoreRegistry | None]:
 
 
 def unbind(token: Token[StoreRegistry | None]) -> None:
-    """Undo :func:`bind`, even from a copy of the context it was called in."""
+    """Undo :func:`bind`."""
+    restore(_registry, token)
+
+
+def restore(variable: ContextVar[T | None], token: Token[T | None]) -> None:
+    """Reset ``variable`` with ``token``, even from a copy of the context that set it."""
     try:
-        _registry.reset(token)
+        variable.reset(token)
     except ValueError:
-        _registry.set(token.old_value if token.old_value is not Token.MISSING else None)
+        variable.set(None if token.old_value is Token.MISSING else token.old_value)
 
 
 #: A proxy to the default store of the request being handled.

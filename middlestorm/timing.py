@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from storm.tracer import install_tracer
 
+from middlestorm.context import restore
+
 __all__ = ["RequestStats"]
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,4 @@ def start() -> tuple[RequestStats, Token[RequestStats | None]]:
 
 def stop(token: Token[RequestStats | None]) -> None:
     """Stop measuring (see :func:`start`)."""
-    try:
-        _current.reset(token)
-    except ValueError:
-        _current.set(None)
+    restore(_current, token)

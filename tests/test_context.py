@@ -75,3 +75,24 @@ def test_use_registry_binds_a_registry_outside_wsgi(db):
     assert db.notes() == ["from a worker"]
     with pytest.raises(NoRequestError):
         get_store()
+
+
+def test_a_body_closed_from_another_context_still_ends_its_transaction(db):
+    import contextvars
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+
+        def body():
+            deep_in_the_app("closed elsewhere")
+            yield b"done"
+
+        return body()
+
+    middleware = MiddleStorm(app, db.uri)
+    _, body = start(middleware)
+    assert list(body) == [b"done"]
+    contextvars.Context().run(body.close)  # a server that closes from a fresh context
+    middleware.registry.release()
+
+    assert db.notes() == ["closed elsewhere"]
