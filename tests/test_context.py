@@ -90,9 +90,15 @@ def test_a_body_closed_from_another_context_still_ends_its_transaction(db):
         return body()
 
     middleware = MiddleStorm(app, db.uri)
-    _, body = start(middleware)
-    assert list(body) == [b"done"]
-    contextvars.Context().run(body.close)  # a server that closes from a fresh context
+
+    def serve() -> None:  # in a context of its own, which keeps what the request set
+        _, body = start(middleware)
+        assert list(body) == [b"done"]
+        contextvars.Context().run(body.close)  # a server closing from a fresh context
+
+    contextvars.copy_context().run(serve)
     middleware.registry.release()
 
     assert db.notes() == ["closed elsewhere"]
+    with pytest.raises(NoRequestError):
+        get_store()
