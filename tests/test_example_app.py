@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 from werkzeug.test import Client
@@ -177,13 +178,33 @@ def test_a_bad_uri_gets_a_message_not_a_traceback():
     assert "Traceback" not in result.stderr
 
 
+def server_timing_of(base_url: str) -> str | None:
+    with urllib.request.urlopen(base_url + "/api/notes", timeout=30) as response:
+        return response.headers.get("Server-Timing")
+
+
 def test_with_no_database_given_it_serves_an_sqlite_file_it_creates(tmp_path):
     shutil.copytree(REPO / "example_app", tmp_path / "example_app")
     command = ["{python}", "-m", "example_app", "--port", "{port}", "--no-reload"]
     server = start_server(command, "", tmp_path / "server.log", cwd=tmp_path, port=free_port())
-    server.stop()
+    try:
+        timing = server_timing_of(server.base_url)
+    finally:
+        server.stop()
 
     assert (tmp_path / "instance" / "notes.db").is_file()
+    assert timing and timing.startswith("db;dur=")  # development mode shows it
+    assert "DEBUG middlestorm.timing: GET /api/notes -> 200 OK, committed" in server.output
+
+
+def test_production_mode_sends_no_server_timing(empty_db, tmp_path):
+    command = ["{python}", "-m", "example_app", "--port", "{port}", "--no-reload", "--production"]
+    server = start_server(command, empty_db.uri, tmp_path / "server.log")
+    try:
+        assert server_timing_of(server.base_url) is None
+    finally:
+        server.stop()
+    assert "middlestorm.timing" not in server.output
 
 
 def test_processes_starting_together_create_the_schema_once(empty_db):
