@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    logging.getLogger("example_app").info("notes database: %s", redact_uri(db_uri))
     run_simple(
         options.host,
         options.port,
