@@ -42,17 +42,23 @@ def test_current_store_outside_a_request_raises_a_clear_error():
         current_store.find(Note)
 
 
-def test_current_store_works_while_a_streamed_body_is_produced(db):
+def streaming_a_note(body_text: str):
+    """An app whose streamed body adds a note through ``current_store``."""
+
     def app(environ, start_response):
         start_response("200 OK", [])
 
         def body():
-            deep_in_the_app("streamed")
+            deep_in_the_app(body_text)
             yield b"done"
 
         return body()
 
-    middleware = MiddleStorm(app, db.uri)
+    return app
+
+
+def test_current_store_works_while_a_streamed_body_is_produced(db):
+    middleware = MiddleStorm(streaming_a_note("streamed"), db.uri)
     _, body = start(middleware)
     assert list(body) == [b"done"]
     body.close()
@@ -80,16 +86,7 @@ def test_use_registry_binds_a_registry_outside_wsgi(db):
 def test_a_body_closed_from_another_context_still_ends_its_transaction(db):
     import contextvars
 
-    def app(environ, start_response):
-        start_response("200 OK", [])
-
-        def body():
-            deep_in_the_app("closed elsewhere")
-            yield b"done"
-
-        return body()
-
-    middleware = MiddleStorm(app, db.uri)
+    middleware = MiddleStorm(streaming_a_note("closed elsewhere"), db.uri)
 
     def serve() -> None:  # in a context of its own, which keeps what the request set
         _, body = start(middleware)

@@ -236,3 +236,16 @@ def test_the_registry_repr_hides_passwords():
 def test_a_registry_can_be_a_store_name_map_for_storm_users(registry):
     assert isinstance(registry.get(), Store)
     assert registry.get_name(registry.get()) == "main"
+
+
+def test_a_registry_hands_out_the_database_behind_a_store_name(db):
+    from storm.database import create_database
+
+    reports = create_database(db.uri)
+    registry = StoreRegistry({"main": db.uri, "reports": reports})
+
+    assert registry.database("reports") is reports
+    assert registry.database() is registry.get().get_database()
+    with pytest.raises(UnknownStoreError, match="'nope'"):
+        registry.database("nope")
+    registry.release()
