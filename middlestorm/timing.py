@@ -32,6 +32,7 @@ class RequestStats:
     seconds: float = 0.0
     commit_seconds: float = 0.0
     _started: float = field(default=0.0, repr=False)
+    _token: Token[RequestStats | None] | None = field(default=None, repr=False)
 
     def server_timing(self) -> str:
         """The value of a ``Server-Timing`` header for these figures."""
@@ -66,7 +67,7 @@ _installed = False
 _install_lock = threading.Lock()
 
 
-def start() -> tuple[RequestStats, Token[RequestStats | None]]:
+def start() -> RequestStats:
     """Measure the calling context's statements from now on."""
     global _installed
     if not _installed:
@@ -75,9 +76,14 @@ def start() -> tuple[RequestStats, Token[RequestStats | None]]:
                 install_tracer(_StatsTracer())
                 _installed = True
     stats = RequestStats()
-    return stats, _current.set(stats)
+    stats._token = _current.set(stats)
+    return stats
 
 
-def stop(token: Token[RequestStats | None]) -> None:
-    """Stop measuring (see :func:`start`)."""
-    restore(_current, token)
+def stop(stats: RequestStats) -> bool:
+    """Stop measuring into ``stats`` (see :func:`start`); false if already stopped."""
+    if stats._token is None:
+        return False
+    restore(_current, stats._token)
+    stats._token = None
+    return True

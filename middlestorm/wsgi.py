@@ -150,14 +150,13 @@ class _Exchange:
         self._exc_info: ExcInfo | None = None
         self._token: Token | None = None
         self.stats: timing.RequestStats | None = None
-        self._stats_token: Token | None = None
 
     def run(self) -> Iterable[bytes]:
         middleware = self.middleware
         middleware.registry.transaction_manager.begin()
         self._token = context.bind(middleware.registry)
         if middleware.server_timing or timing.log.isEnabledFor(logging.DEBUG):
-            self.stats, self._stats_token = timing.start()
+            self.stats = timing.start()
         try:
             result = middleware.app(self.environ, self.start_response)
         except BaseException:
@@ -256,11 +255,8 @@ class _Exchange:
         if self._token is not None:
             context.unbind(self._token)
             self._token = None
-        if self._stats_token is not None:
-            timing.stop(self._stats_token)
-            self._stats_token = None
-            stats = self.stats
-            assert stats is not None
+        stats = self.stats
+        if stats is not None and timing.stop(stats):
             timing.log.debug(
                 "%s %s -> %s, %s: %d statements in %.2f ms, commit or abort %.2f ms",
                 self.environ.get("REQUEST_METHOD"),

@@ -19,7 +19,6 @@ class Exchange:
     body: list[bytes] = field(default_factory=list)
     #: What ``on_status`` returned at the moment the status reached the server.
     seen_at_status: Any = None
-    closed: bool = False
 
     @property
     def data(self) -> bytes:
@@ -59,5 +58,4 @@ def call(app: Callable, path: str = "/", method: str = "GET", **options: Any) ->
         close = getattr(result, "close", None)
         if close is not None:
             close()
-        exchange.closed = True
     return exchange
