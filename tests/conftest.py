@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,9 +14,44 @@ import transaction
 from storm.tracer import install_tracer, remove_tracer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-POSTGRES_URI = os.environ.get(
-    "MIDDLESTORM_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test"
-)
+#: The server the PostgreSQL tests use; each test session makes a database
+#: of its own there, so that sessions may run side by side.
+SERVER_URI = os.environ.get("MIDDLESTORM_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+SESSION_DATABASE = f"middlestorm_test_{os.getpid()}"
+POSTGRES_URI = f"{SERVER_URI.rsplit('/', 1)[0]}/{SESSION_DATABASE}"
+_session_database_lock = threading.Lock()
+_session_database_made = False
+
+
+def libpq(uri: str) -> str:
+    """A Storm ``postgres://`` URI as libpq spells it."""
+    return uri.replace("postgres://", "postgresql://", 1)
+
+
+def _server_run(statement: str) -> None:
+    import psycopg2
+
+    connection = psycopg2.connect(libpq(SERVER_URI), connect_timeout=5)
+    try:
+        connection.autocommit = True
+        connection.cursor().execute(statement)
+    finally:
+        connection.close()
+
+
+def session_database() -> None:
+    """Create this session's PostgreSQL database on first use."""
+    global _session_database_made
+    with _session_database_lock:
+        if not _session_database_made:
+            _server_run(f"DROP DATABASE IF EXISTS {SESSION_DATABASE} WITH (FORCE)")
+            _server_run(f"CREATE DATABASE {SESSION_DATABASE}")
+            _session_database_made = True
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _session_database_made:
+        _server_run(f"DROP DATABASE IF EXISTS {SESSION_DATABASE} WITH (FORCE)")
 
 
 SCHEMA = {
@@ -48,7 +84,7 @@ class Database:
             return sqlite3.connect(self.path, timeout=10)
         import psycopg2
 
-        return psycopg2.connect(POSTGRES_URI.replace("postgres://", "postgresql://", 1))
+        return psycopg2.connect(libpq(POSTGRES_URI))
 
     def run(self, *statements: str) -> None:
         connection = self.connect()
@@ -86,9 +122,8 @@ def postgres_available() -> str | None:
     try:
         import psycopg2
 
-        psycopg2.connect(
-            POSTGRES_URI.replace("postgres://", "postgresql://", 1), connect_timeout=5
-        ).close()
+        psycopg2.connect(libpq(SERVER_URI), connect_timeout=5).close()
+        session_database()
     except Exception as error:
         return f"{type(error).__name__}: {error}".strip()
     return None
@@ -134,7 +169,7 @@ def require_postgres() -> None:
     problem = postgres_available()
     if problem is None:
         return
-    message = f"PostgreSQL at {POSTGRES_URI} is not reachable ({problem})"
+    message = f"PostgreSQL at {SERVER_URI} is not reachable ({problem})"
     if IN_CI:
         pytest.fail(f"{message}; CI must run the PostgreSQL tests")
     pytest.skip(message)
