@@ -11,12 +11,19 @@
         store.add(Note("hello"))
         start_response("201 Created", [("Content-Type", "text/plain")])
         return [b"saved"]                    # committed before the 201 is sent
+
+The request's transaction ends as soon as its outcome is known, and once: when
+the application raises, after a complete body was produced (before the status
+goes to the server), when a streamed body runs out (before its last bytes go
+out), when it raises, or when the server closes it early (the client left).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import Token
@@ -24,11 +31,11 @@ from types import TracebackType
 from typing import Any
 
 from transaction.interfaces import ITransactionManager
-from werkzeug.local import LocalProxy
 
 from middlestorm import context, timing
 from middlestorm.databases import DatabaseSpec
 from middlestorm.errors import ConfigurationError
+from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import CommitVeto, abort_quietly, default_commit_veto, end_transaction
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
 
@@ -46,8 +53,14 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 #: inside the transaction, so the commit happens before the status is sent.
 DEFAULT_BUFFER_LIMIT = 1024 * 1024
 
-#: The ``environ`` key naming the transaction manager a request is handled in.
+#: The ``environ`` key naming the transaction manager of the innermost
+#: MiddleStorm handling the request.
 MANAGER_KEY = "middlestorm.transaction_manager"
+#: The ``environ`` key of the managers whose request transaction is open, outermost first.
+OPEN_MANAGERS_KEY = "middlestorm.open_transaction_managers"
+
+#: What no header name or value may hold (PEP 3333; every server refuses it).
+_FORBIDDEN_IN_HEADERS = re.compile(r"[\r\n\0]")
 
 
 class MiddleStorm:
@@ -59,7 +72,7 @@ class MiddleStorm:
     :param key: the ``environ`` key of the default store.
     :param stores: more named stores, name mapped to a ``Database`` or URI;
         reach them through ``environ[stores_key][name]`` or ``get_store(name)``.
-    :param stores_key: the ``environ`` key of the request's store registry.
+    :param stores_key: the ``environ`` key of the request's stores by name.
     :param transaction_manager: a thread-local transaction manager;
         ``transaction.manager`` by default.
     :param commit_veto: ``veto(environ, status, headers) -> bool``; true
@@ -67,7 +80,8 @@ class MiddleStorm:
     :param buffer_limit: a body with a Content-Length up to this many bytes
         (or a list) is produced before the commit and the status is sent
         after it; larger and unsized bodies are streamed, and the
-        transaction ends when the server closes them.
+        transaction ends when the body runs out, before its last bytes are
+        handed to the server. No more than this is ever held in memory.
     :param server_timing: add a ``Server-Timing`` header with the request's
         statement count and database time to responses sent after the
         commit. Off by default: it tells clients how long queries take.
@@ -93,6 +107,7 @@ class MiddleStorm:
                 "commit_veto must be a callable veto(environ, status, headers) -> bool "
                 f"or None, not {commit_veto!r}"
             )
+        _check_keys(key, stores_key)
         if isinstance(database, StoreRegistry):
             if stores or transaction_manager is not None:
                 raise ConfigurationError(
@@ -120,41 +135,161 @@ class MiddleStorm:
         self.commit_veto = commit_veto
         self.buffer_limit = buffer_limit
         self.server_timing = server_timing
-        self._default_store = LocalProxy(functools.partial(self.registry.get, None))
+        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.app!r} {self.registry!r}>"
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        environ[self.key] = self._default_store
-        environ[self.stores_key] = self.registry
+        stores = self._thread_stores()
         manager = self.registry.transaction_manager
-        if environ.get(MANAGER_KEY) is manager:
-            # An outer MiddleStorm owns this request's transaction; our stores join it.
-            return self.app(environ, start_response)
-        environ[MANAGER_KEY] = manager
-        return _Exchange(self, environ, start_response).run()
+        enclosing: tuple[ITransactionManager, ...] | None = environ.get(OPEN_MANAGERS_KEY)
+        if enclosing is None:  # the outermost MiddleStorm: nothing to restore afterwards
+            environ[self.key] = stores.default
+            environ[self.stores_key] = stores
+            environ[MANAGER_KEY] = manager
+            environ[OPEN_MANAGERS_KEY] = (manager,)
+            return _Exchange(self, stores, environ, start_response, bind=True).run()
+        joins = manager in enclosing
+        scope = _Scope(
+            environ,
+            {
+                self.key: stores.default,
+                self.stores_key: stores,
+                MANAGER_KEY: manager,
+                OPEN_MANAGERS_KEY: enclosing if joins else (*enclosing, manager),
+            },
+            stores,
+        )
+        with scope:
+            if joins:  # an outer MiddleStorm owns the transaction; our stores join it
+                result = self.app(environ, start_response)
+            else:
+                result = _Exchange(self, stores, environ, start_response, bind=False).run()
+        return scope.around(result)
+
+    def _thread_stores(self) -> ThreadStores:
+        try:
+            return self._local.stores
+        except AttributeError:
+            stores = self._local.stores = ThreadStores(self.registry)
+            return stores
+
+
+class _Scope:
+    """What a MiddleStorm inside another sets for the code it calls, undone afterwards.
+
+    Inside the scope its stores are current and its ``environ`` keys are set;
+    outside, the enclosing middleware's are again. A streamed body is run in
+    the scope chunk by chunk.
+    """
+
+    def __init__(self, environ: Environ, values: dict[str, Any], stores: ThreadStores) -> None:
+        self.environ = environ
+        self.values = values
+        self.stores = stores
+        self._saved: list[dict[str, Any]] = []
+        self._tokens: list[Token] = []
+
+    def __enter__(self) -> None:
+        environ = self.environ
+        self._saved.append({key: environ.get(key, _MISSING) for key in self.values})
+        environ.update(self.values)
+        self._tokens.append(context.bind(self.stores))
+
+    def __exit__(self, *exc_info: object) -> None:
+        context.unbind(self._tokens.pop())
+        for key, value in self._saved.pop().items():
+            if value is _MISSING:
+                self.environ.pop(key, None)
+            else:
+                self.environ[key] = value
+
+    def around(self, result: Iterable[bytes]) -> Iterable[bytes]:
+        if isinstance(result, (list, tuple)) or _is_file_wrapper(self.environ, result):
+            return result
+        return _ScopedBody(result, self)
+
+
+_MISSING = object()
+
+
+class _ScopedBody:
+    """A body that is produced and closed inside a :class:`_Scope`."""
+
+    def __init__(self, result: Iterable[bytes], scope: _Scope) -> None:
+        self._result = result
+        self._iterator: Iterator[bytes] | None = None
+        self._scope = scope
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        with self._scope:
+            if self._iterator is None:
+                self._iterator = iter(self._result)
+            return next(self._iterator)
+
+    def close(self) -> None:
+        with self._scope:
+            _close(self._result)
+
+
+#: Per thread: the exchange whose transaction is open, by ``id()`` of its manager.
+_open = threading.local()
+
+
+def _open_exchanges() -> dict[int, _Exchange]:
+    try:
+        return _open.exchanges
+    except AttributeError:
+        exchanges: dict[int, _Exchange] = {}
+        _open.exchanges = exchanges
+        return exchanges
 
 
 class _Exchange:
     """One request and its response, and the transaction between them."""
 
-    def __init__(self, middleware: MiddleStorm, environ: Environ, start_response: StartResponse):
+    def __init__(
+        self,
+        middleware: MiddleStorm,
+        stores: ThreadStores,
+        environ: Environ,
+        start_response: StartResponse,
+        *,
+        bind: bool,
+    ) -> None:
         self.middleware = middleware
+        self.registry = middleware.registry
+        self.stores = stores
         self.environ = environ
         self._server_start_response = start_response
         self._server_write: Callable[[bytes], object] | None = None
         self._forward_at_once = False
+        self._bind = bind
         self.status: str | None = None
         self.headers: Headers = []
         self._exc_info: ExcInfo | None = None
+        #: The server refused the status or a write: the client cannot have it all.
+        self.broken = False
+        self.ended = False
+        self.thread = threading.get_ident()
         self._token: Token | None = None
         self.stats: timing.RequestStats | None = None
 
     def run(self) -> Iterable[bytes]:
         middleware = self.middleware
-        middleware.registry.transaction_manager.begin()
-        self._token = context.bind(middleware.registry)
+        manager = self.registry.transaction_manager
+        exchanges = _open_exchanges()
+        unclosed = exchanges.get(id(manager))
+        if unclosed is not None:
+            unclosed.abandon()
+        manager.begin()
+        exchanges[id(manager)] = self
+        if self._bind:
+            self._token = context.bind(self.stores)
         if middleware.server_timing or timing.log.isEnabledFor(logging.DEBUG):
             self.stats = timing.start()
         try:
@@ -162,11 +297,21 @@ class _Exchange:
         except BaseException:
             self.fail()
             raise
-        if self._body_is_complete(result):
-            return self._commit_then_send(result)
+        if self.status is not None and self._server_write is None:
+            if _is_file_wrapper(self.environ, result):
+                return self._commit_then_send_file(result)
+            if self._body_is_complete(result):
+                return self._commit_then_send(result)
         self._forward_at_once = True
         if self.status is not None:
-            self._forward()
+            try:
+                self._forward()
+            except BaseException:
+                try:
+                    _close(result)
+                finally:
+                    self.fail()
+                raise
         return _StreamedBody(result, self)
 
     # -- what the application sees ------------------------------------
@@ -174,29 +319,36 @@ class _Exchange:
     def start_response(
         self, status: str, headers: Headers, exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
+        _check_response(status, headers)
         self.status, self.headers = status, headers
         if self._server_write is not None or self._forward_at_once:
-            self._server_write = self._server_start_response(status, headers, exc_info)
+            try:
+                self._server_write = self._server_start_response(status, headers, exc_info)
+            except BaseException:
+                self.broken = True
+                raise
         else:
             self._exc_info = exc_info
         return self.write
 
     def write(self, data: bytes) -> None:
-        self._forward()
-        assert self._server_write is not None
-        self._server_write(data)
+        try:
+            self._forward()
+            assert self._server_write is not None
+            self._server_write(data)
+        except BaseException:
+            self.broken = True
+            raise
 
-    # -- ending the transaction ----------------------------------------
+    # -- sending ------------------------------------------------------
 
     def _body_is_complete(self, result: Iterable[bytes]) -> bool:
-        if self.status is None or self._server_write is not None:
-            return False
-        if isinstance(result, (list, tuple)) or self._has_no_body():
+        if isinstance(result, (list, tuple)) or self.has_no_body():
             return True
         length = _content_length(self.headers)
         return length is not None and length <= self.middleware.buffer_limit
 
-    def _has_no_body(self) -> bool:
+    def has_no_body(self) -> bool:
         """HEAD requests and 1xx, 204 and 304 responses have no body in HTTP."""
         if self.environ.get("REQUEST_METHOD") == "HEAD":
             return True
@@ -206,38 +358,79 @@ class _Exchange:
     def _commit_then_send(self, result: Iterable[bytes]) -> list[bytes]:
         try:
             try:
-                body = list(result)
+                body = self._produce(result)
             finally:
                 _close(result)
         except BaseException:
             self.fail()
             raise
         self.succeed()
-        if self.stats is not None and self.middleware.server_timing:
-            self.headers = [*self.headers, ("Server-Timing", self.stats.server_timing())]
         self._forward()
+        return body
+
+    def _commit_then_send_file(self, result: Iterable[bytes]) -> Iterable[bytes]:
+        """Commit, then hand the server its own file wrapper, for its fast path."""
+        try:
+            self.succeed()
+            self._forward()
+        except BaseException:
+            _close(result)
+            raise
+        return result
+
+    def _produce(self, result: Iterable[bytes]) -> list[bytes]:
+        """The body as a list; past ``buffer_limit``, a body HTTP does not send is dropped."""
+        if isinstance(result, list):
+            return result
+        if not self.has_no_body():
+            return list(result)
+        body: list[bytes] = []
+        size, limit = 0, self.middleware.buffer_limit
+        for chunk in result:
+            size += len(chunk)
+            if size <= limit:
+                body.append(chunk)
+            elif body:
+                body = []
         return body
 
     def _forward(self) -> None:
         if self._server_write is None:
             assert self.status is not None
-            self._server_write = self._server_start_response(
-                self.status, self.headers, *([self._exc_info] if self._exc_info else [])
-            )
+            if self.stats is not None and self.middleware.server_timing and self.ended:
+                self.headers = [*self.headers, ("Server-Timing", self.stats.server_timing())]
+            try:
+                self._server_write = self._server_start_response(
+                    self.status, self.headers, *([self._exc_info] if self._exc_info else [])
+                )
+            except BaseException:
+                self.broken = True
+                raise
             self._exc_info = None
 
+    # -- ending the transaction -----------------------------------------
+
     def succeed(self) -> None:
-        """End the transaction of a response that was produced in full."""
+        """End the transaction of a response produced in full: commit unless vetoed.
+
+        :raises: what the veto or the commit raised, after aborting.
+        """
+        if self.ended:
+            return
         veto = self.middleware.commit_veto
         try:
-            commit = veto is None or not veto(self.environ, self.status or "", self.headers)
+            commit = not self.broken and (
+                veto is None or not veto(self.environ, self.status or "", self.headers)
+            )
         except BaseException:
             self.fail()
             raise
+        if not self._owns_transaction():
+            return
         started = time.perf_counter()
         outcome = "failed to commit"
         try:
-            committed = end_transaction(self.middleware.registry, commit=commit)
+            committed = end_transaction(self.registry, commit=commit)
             outcome = "committed" if committed else "aborted"
         finally:
             if self.stats is not None:
@@ -246,12 +439,44 @@ class _Exchange:
 
     def fail(self) -> None:
         """Abort, while the reason (an error, a disconnect) is raised elsewhere."""
+        if self.ended or not self._owns_transaction():
+            return
         try:
-            abort_quietly(self.middleware.registry.transaction_manager)
+            abort_quietly(self.registry.transaction_manager)
         finally:
             self._done("aborted")
 
+    def abandon(self) -> None:
+        """Abort a streamed response the server never closed, when its thread moves on."""
+        if not self.ended:
+            log.warning(
+                "the server never closed the response to %s %s (%s); its transaction "
+                "is rolled back now, as the thread's next request begins",
+                self.environ.get("REQUEST_METHOD"),
+                self.environ.get("PATH_INFO"),
+                self.status,
+            )
+            self.fail()
+
+    def _owns_transaction(self) -> bool:
+        """Mark the transaction ended; false if this thread may not end it."""
+        self.ended = True
+        if threading.get_ident() == self.thread:
+            return True
+        log.warning(
+            "a response was closed in thread %s, not in thread %s that handled the request; "
+            "its transaction is left to that thread, which rolls it back when its next "
+            "request begins or when it ends",
+            threading.get_ident(),
+            self.thread,
+        )
+        return False
+
     def _done(self, outcome: str) -> None:
+        exchanges = _open_exchanges()
+        key = id(self.registry.transaction_manager)
+        if exchanges.get(key) is self:
+            del exchanges[key]
         if self._token is not None:
             context.unbind(self._token)
             self._token = None
@@ -270,59 +495,105 @@ class _Exchange:
 
 
 class _StreamedBody:
-    """A body produced while the server sends it; ``close()`` ends the transaction."""
+    """A body produced while the server sends it.
+
+    The transaction ends when the application's body runs out, before the
+    server has the last bytes: a failed commit raises instead, so the server
+    cuts the response short and the client never gets a complete response
+    for changes that were rolled back. With a Content-Length, the chunk that
+    completes it is held until the body has run out and the commit is done.
+    ``close()`` before the end (the client left) aborts.
+    """
 
     def __init__(self, result: Iterable[bytes], exchange: _Exchange) -> None:
         self._result = result
         self._iterator: Iterator[bytes] | None = None
         self._exchange = exchange
-        self._exhausted = False
-        self._failed = False
-        self._closed = False
+        #: Bytes of the declared Content-Length still to come; None if none was declared.
+        self._remaining: int | object | None = _UNKNOWN
+        self._pending: bytes | None = None
+        self._app_closed = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
+        if self._pending is not None:
+            chunk, self._pending = self._pending, None
+            return chunk
+        exchange = self._exchange
+        if exchange.ended:
+            raise StopIteration
         try:
             if self._iterator is None:
                 self._iterator = iter(self._result)
-            return next(self._iterator)
+            chunk = next(self._iterator)
+            if self._remaining is _UNKNOWN:  # the status may come with the first chunk
+                self._remaining = _content_length(exchange.headers)
+            if isinstance(self._remaining, int):
+                self._remaining -= len(chunk)
+                if self._remaining <= 0:  # the client has it all once this goes out
+                    self._pending = next(self._iterator, None)
+                    if self._pending is None:
+                        self._finish()
+            return chunk
         except StopIteration:
-            self._exhausted = True
+            self._finish()
             raise
         except BaseException:
-            self._failed = True
+            self._fail()
             raise
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _finish(self) -> None:
+        """The body ran out: close the application's part, then commit (or raise)."""
         exchange = self._exchange
         try:
-            _close(self._result)
+            self._close_app()
         except BaseException:
             exchange.fail()
             raise
-        if not self._exhausted or self._failed:
-            exchange.fail()
-            return
         try:
             exchange.succeed()
         except Exception:
             log.error(
-                "the commit failed after the response (%s) was sent to the client; "
-                "the request's changes were rolled back",
+                "the commit failed while the response (%s) was being sent; the request's "
+                "changes were rolled back and the response is cut short",
                 exchange.status,
             )
             raise
+
+    def _fail(self) -> None:
+        try:
+            self._close_app()
+        finally:
+            self._exchange.fail()
+
+    def close(self) -> None:
+        exchange = self._exchange
+        try:
+            self._close_app()
+        finally:
+            exchange.fail()  # nothing left to do when the body had run out
+
+    def _close_app(self) -> None:
+        if not self._app_closed:
+            self._app_closed = True
+            _close(self._result)
+
+
+_UNKNOWN = object()
 
 
 def _close(result: Iterable[bytes]) -> None:
     close = getattr(result, "close", None)
     if close is not None:
         close()
+
+
+def _is_file_wrapper(environ: Environ, result: Iterable[bytes]) -> bool:
+    """Whether ``result`` is the server's ``wsgi.file_wrapper``, which it may send fast."""
+    wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(wrapper, type) and isinstance(result, wrapper)
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -335,15 +606,59 @@ def _content_length(headers: Headers) -> int | None:
     return None
 
 
+def _check_response(status: object, headers: Iterable[Any]) -> None:
+    """Refuse, before anything is committed, a status or headers no server may send."""
+    if not isinstance(status, str) or _FORBIDDEN_IN_HEADERS.search(status):
+        raise ValueError(f"the response status must be a one-line string, not {status!r}")
+    for header in headers:
+        try:
+            name, value = header
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"a response header must be a (name, value) pair, not {header!r}"
+            ) from None
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"response header names and values must be str: {header!r}")
+        if _FORBIDDEN_IN_HEADERS.search(name) or _FORBIDDEN_IN_HEADERS.search(value):
+            # The value is left out: it may hold what the client must not see.
+            raise ValueError(
+                f"the response header {name!r} holds a line break or NUL character, "
+                "which would split the response; take them out (quote or encode the value)"
+            )
+
+
+def _check_keys(key: object, stores_key: object) -> None:
+    for option, value in (("key", key), ("stores_key", stores_key)):
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(f"{option} must be a non-empty string, not {value!r}")
+        if value in (MANAGER_KEY, OPEN_MANAGERS_KEY) or value.startswith("wsgi."):
+            raise ConfigurationError(
+                f"{option}={value!r} is an environ key that WSGI or middlestorm uses for "
+                "something else; choose another"
+            )
+    if key == stores_key:
+        raise ConfigurationError(
+            f"key and stores_key are both {key!r}: the default store and the stores by "
+            "name need environ keys of their own"
+        )
+
+
 def decorator(
     database: DatabaseSpec | StoreRegistry, key: str = "storm.store", **options: Any
 ) -> Callable[[WSGIApp], MiddleStorm]:
     """Wrap the decorated WSGI application in :class:`MiddleStorm`.
 
     ``@decorator("sqlite:app.db")`` above ``def app(environ, start_response)``
-    is ``app = MiddleStorm(app, "sqlite:app.db")``.
+    is ``app = MiddleStorm(app, "sqlite:app.db")``; the middleware keeps the
+    application's ``__name__`` and ``__doc__``, and ``__wrapped__`` is the application.
     """
-    return lambda app: MiddleStorm(app, database, key, **options)
+
+    def wrap(app: WSGIApp) -> MiddleStorm:
+        middleware = MiddleStorm(app, database, key, **options)
+        functools.update_wrapper(middleware, app, updated=())
+        return middleware
+
+    return wrap
 
 
 def make_middleware(

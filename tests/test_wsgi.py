@@ -154,7 +154,7 @@ def test_a_commit_veto_that_raises_aborts_and_the_error_propagates(db, wrap):
 
 
 def test_an_injected_transaction_manager_is_the_one_used(db, wrap):
-    manager = transaction.TransactionManager()
+    manager = transaction.ThreadTransactionManager()
     seen = []
 
     def app(environ, start_response):
@@ -324,7 +324,8 @@ def test_a_commit_failing_after_a_streamed_status_is_logged_and_raised(db, wrap,
     with pytest.raises(IntegrityError):
         call(wrap(app))
 
-    assert "commit failed after the response (200 OK) was sent" in caplog.text
+    assert "commit failed while the response (200 OK) was being sent" in caplog.text
+    assert "cut short" in caplog.text
     assert db.query("SELECT count(*) FROM tag") == [(0,)]
 
 
