@@ -538,6 +538,165 @@ def test_a_nested_middleware_joins_the_outer_requests_transaction(db, tmp_path, 
     assert (db.notes(), reports.notes()) == ([], [])  # one veto for both
 
 
+def subrequest(app, environ) -> bytes:
+    """Call ``app`` from inside another app's request, as a page that embeds another would."""
+    result = app(environ, lambda status, headers, exc_info=None: None)
+    try:
+        return b"".join(result)
+    finally:
+        getattr(result, "close", lambda: None)()
+
+
+def adding_through_current_store(body: str):
+    def app(environ, start_response):
+        current_store.add(Note(body))
+        start_response("200 OK", [])
+        return [b""]
+
+    return app
+
+
+def test_an_app_mounted_under_a_dispatcher_writes_to_its_own_database(db, tmp_path, released):
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    reports = make_database("sqlite", tmp_path / "reports")
+    mounted = released(MiddleStorm(adding_through_current_store("report"), reports.uri))
+    dispatcher = DispatcherMiddleware(adding_through_current_store("main"), {"/reports": mounted})
+    app = released(MiddleStorm(dispatcher, db.uri))
+
+    call(app, "/reports/monthly")
+    call(app, "/")
+
+    assert (db.notes(), reports.notes()) == (["main"], ["report"])
+
+
+def test_the_outer_stores_are_current_again_after_an_inner_middleware_returns(
+    db, tmp_path, released
+):
+    reports = make_database("sqlite", tmp_path / "reports")
+    inner = released(MiddleStorm(adding_through_current_store("inner"), reports.uri))
+
+    def outer_app(environ, start_response):
+        subrequest(inner, environ)
+        current_store.add(Note("outer, current_store"))
+        environ["storm.store"].add(Note("outer, environ"))
+        start_response("200 OK", [])
+        return [b""]
+
+    call(released(MiddleStorm(outer_app, db.uri)))
+
+    assert reports.notes() == ["inner"]
+    assert db.notes() == ["outer, current_store", "outer, environ"]
+
+
+def test_an_inner_middlewares_streamed_body_uses_the_inner_stores(db, tmp_path, released):
+    reports = make_database("sqlite", tmp_path / "reports")
+
+    def streamed_report(environ, start_response):
+        start_response("200 OK", [])
+
+        def body():
+            current_store.add(Note("streamed report"))
+            yield b"report"
+
+        return body()
+
+    inner = released(MiddleStorm(streamed_report, reports.uri))
+
+    call(released(MiddleStorm(inner, db.uri)))
+
+    assert (db.notes(), reports.notes()) == ([], ["streamed report"])
+
+
+def test_a_middleware_on_the_outer_manager_inside_one_on_another_joins_the_outer_transaction(
+    db, tmp_path, released
+):
+    audit = make_database("sqlite", tmp_path / "audit")
+    reports = make_database("sqlite", tmp_path / "reports")
+    own_manager = transaction.ThreadTransactionManager()
+    inner = released(
+        MiddleStorm(
+            adding_through_current_store("audit"), audit.uri, transaction_manager=own_manager
+        )
+    )
+    third = released(MiddleStorm(adding_through_current_store("report"), reports.uri))
+    seen = []
+
+    def outer_app(environ, start_response):
+        environ["storm.store"].add(Note("outer"))
+        subrequest(inner, environ)
+        seen.append(environ["middlestorm.transaction_manager"] is transaction.manager)
+        subrequest(third, environ)  # on the outer manager again: joins, begins nothing
+        start_response("200 OK", [])
+        return [b""]
+
+    response = call(released(MiddleStorm(outer_app, db.uri)))
+
+    assert response.status == "200 OK" and seen == [True]
+    assert (db.notes(), audit.notes(), reports.notes()) == (["outer"], ["audit"], ["report"])
+
+
+# -- bounded memory, and the server's fast path --------------------------------------------
+
+
+class Chunk(bytes):
+    """A body chunk that counts itself: how many are alive at once."""
+
+    alive = 0
+
+    def __new__(cls, data: bytes) -> Chunk:
+        Chunk.alive += 1
+        return super().__new__(cls, data)
+
+    def __del__(self) -> None:
+        Chunk.alive -= 1
+
+
+def test_a_head_response_never_holds_more_than_the_buffer_limit(db, wrap):
+    alive_at_most = []
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("head"))
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+        def body():
+            for _ in range(100):
+                alive_at_most.append(Chunk.alive)
+                yield Chunk(b"x" * 1024)
+
+        return body()
+
+    response = call(wrap(app, buffer_limit=4 * 1024), method="HEAD", on_status=db.notes)
+
+    assert max(alive_at_most) <= 4  # never more than the buffer limit's worth
+    assert response.seen_at_status == ["head"]  # still committed before the status
+    assert response.data == b""
+
+
+def test_the_servers_file_wrapper_reaches_the_server_as_that_object(db, wrap, tmp_path):
+    from gunicorn.http.wsgi import FileWrapper
+
+    path = tmp_path / "download.bin"
+    path.write_bytes(b"y" * 4096)
+    returned = []
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("downloaded"))
+        start_response("200 OK", [("Content-Length", "4096")])
+        returned.append(environ["wsgi.file_wrapper"](path.open("rb")))
+        return returned[-1]
+
+    exchange, body = start(
+        wrap(app, buffer_limit=1024), environ={"wsgi.file_wrapper": FileWrapper}, on_status=db.notes
+    )
+    try:
+        assert body is returned[0]
+        assert exchange.seen_at_status == ["downloaded"]  # committed before the status
+        assert b"".join(body) == b"y" * 4096
+    finally:
+        body.close()
+
+
 # -- the drop-in API of middlestorm 0.8.1 -------------------------------------------
 
 
@@ -559,6 +718,22 @@ def test_the_decorator_wraps_an_app(db, released):
     assert db.notes() == ["decorated"]
 
 
+def test_the_decorator_keeps_the_apps_name_doc_and_wrapped(db, released):
+    def notes_app(environ, start_response):
+        """Serve the notes."""
+        start_response("200 OK", [])
+        return [b""]
+
+    app = released(decorator(db.uri)(notes_app))
+
+    assert (app.__name__, app.__doc__, app.__wrapped__) == (
+        "notes_app",
+        "Serve the notes.",
+        notes_app,
+    )
+    assert isinstance(app, MiddleStorm)
+
+
 def test_the_paste_filter_factory_is_registered_and_takes_db_uri(db, released):
     from importlib.metadata import entry_points
 
@@ -576,6 +751,12 @@ def test_the_paste_filter_factory_is_registered_and_takes_db_uri(db, released):
         ({"commit_veto": True}, "commit_veto must be a callable"),
         ({"buffer_limit": -1}, "buffer_limit must be a whole number"),
         ({"stores": {"main": "sqlite:"}}, "'main' names the default store"),
+        ({"key": "middlestorm.stores"}, "key and stores_key are both 'middlestorm.stores'"),
+        ({"key": "middlestorm.transaction_manager"}, "key='middlestorm.transaction_manager'"),
+        ({"stores_key": "middlestorm.transaction_manager"}, "stores_key='middlestorm.trans"),
+        ({"key": "wsgi.input"}, "key='wsgi.input' is an environ key that WSGI"),
+        ({"key": ""}, "key must be a non-empty string"),
+        ({"stores_key": None}, "stores_key must be a non-empty string"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_message_that_names_them(arguments, message):
