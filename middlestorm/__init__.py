@@ -13,6 +13,7 @@ from middlestorm.errors import (
     UnknownStoreError,
     WrongThreadError,
 )
+from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import default_commit_veto, end_transaction
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
 from middlestorm.wsgi import MiddleStorm, decorator, make_middleware
@@ -26,6 +27,7 @@ __all__ = [
     "MiddleStormError",
     "NoRequestError",
     "StoreRegistry",
+    "ThreadStores",
     "UnknownStoreError",
     "WrongThreadError",
     "current_registry",
