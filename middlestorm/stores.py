@@ -6,7 +6,8 @@ adds what a multithreaded server needs:
 
 * stores are created on first use in a thread and reused by that thread;
 * a store's connection is closed when its thread ends;
-* a forked child never touches a connection its parent opened;
+* a forked child never touches a connection its parent opened, nor a
+  transaction its parent had under way;
 * a store used from another thread raises :class:`WrongThreadError`.
 
 It needs no WSGI: worker threads can use the same registry as the middleware.
@@ -21,10 +22,10 @@ import weakref
 from collections.abc import Mapping
 
 import transaction
-from storm.database import Database
+from storm.database import STATE_DISCONNECTED, Database
 from storm.store import Store
 from storm.zope.zstorm import ZStorm
-from transaction.interfaces import ITransactionManager
+from transaction.interfaces import ITransaction, ITransactionManager
 
 from middlestorm.databases import DatabaseSpec, open_database
 from middlestorm.errors import ConfigurationError, UnknownStoreError, WrongThreadError
@@ -51,8 +52,13 @@ class StoreRegistry(ZStorm):
     :param default: the name :meth:`get` uses when given none; the first
         name in ``databases`` unless given.
     :param transaction_manager: the manager stores join; it must be
-        thread-local (``transaction.manager``, the default, is).
+        thread-local: ``transaction.manager`` (the default) or a
+        ``transaction.ThreadTransactionManager()`` of the registry's own.
+    :raises ConfigurationError: for a ``transaction.TransactionManager``,
+        whose one transaction every thread would share.
     """
+
+    _local: threading.local
 
     def __init__(
         self,
@@ -65,7 +71,10 @@ class StoreRegistry(ZStorm):
         # ZStorm caches databases in a class attribute, shared by every
         # instance; each registry keeps its own.
         self._databases: dict[str, Database] = {}
-        self.transaction_manager = transaction_manager or transaction.manager
+        _check_thread_local(transaction_manager)
+        self.transaction_manager = (
+            transaction.manager if transaction_manager is None else transaction_manager
+        )
         if not databases:
             raise ConfigurationError("a StoreRegistry needs at least one database")
         for name, spec in databases.items():
@@ -92,6 +101,20 @@ class StoreRegistry(ZStorm):
         name = self.default_name if name is None else name
         self._check_name(name)
         return self._default_databases[name]
+
+    def set_default_uri(self, name: str, default_uri: DatabaseSpec) -> None:
+        """Make ``default_uri`` the database of the stores called ``name`` (ZStorm's API).
+
+        The URI is checked as the constructor checks it, and only its
+        redacted form is kept (:meth:`get_default_uris`, the repr).
+
+        :raises ConfigurationError: as the constructor would for ``default_uri``.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"store names must be non-empty strings, not {name!r}")
+        database, shown = open_database(default_uri)
+        self._default_databases[name] = database
+        self._default_uris[name] = shown
 
     def get(self, name: str | None = None, default_uri: str | None = None) -> Store:
         """Return this thread's store called ``name``, creating it on first use.
@@ -147,8 +170,15 @@ class StoreRegistry(ZStorm):
             raise UnknownStoreError(f"no store named {name!r}; the configured stores are {known}")
 
     def _after_fork(self) -> None:
-        # The parent's stores stay behind in the old thread-local, whose
-        # finalizers see the new pid and abandon the connections unused.
+        """In a forked child: abandon the stores inherited from the parent.
+
+        The forking thread's are abandoned now; those of the parent's other
+        threads when their thread-local state goes, by their finalizers,
+        which see the new pid.
+        """
+        thread_stores = self._local.__dict__.get("closer")
+        if thread_stores is not None:
+            thread_stores.end()
         self._local = threading.local()
 
 
@@ -157,8 +187,12 @@ class _ThreadStores:
 
     def __init__(self) -> None:
         self.stores: list[Store] = []
-        finalizer = weakref.finalize(self, _close_all, self.stores, os.getpid())
-        finalizer.atexit = False
+        self._finalizer = weakref.finalize(self, _close_all, self.stores, os.getpid())
+        self._finalizer.atexit = False
+
+    def end(self) -> None:
+        """Close the stores now (abandon them in a forked child), not when the thread ends."""
+        self._finalizer()
 
 
 def _close_all(stores: list[Store], pid: int) -> None:
@@ -182,6 +216,10 @@ _abandoned: list[object] = []
 def _abandon(store: Store) -> None:
     """Drop a store inherited across fork without touching the parent's session.
 
+    The Storm connection is left closed and blocked, and marked disconnected
+    (no SQLite transaction either), so that a rollback or close of it is a
+    no-op and any other use raises, instead of reaching for the raw connection.
+
     Closing a driver connection sends a goodbye on the socket the parent still
     uses; pointing the descriptor at /dev/null first makes it harmless. A
     connection that cannot be detached that way is kept, never destroyed.
@@ -189,6 +227,10 @@ def _abandon(store: Store) -> None:
     connection = store._connection
     raw, connection._raw_connection = connection._raw_connection, None
     connection._closed = True
+    connection.block_access()
+    connection._state = STATE_DISCONNECTED
+    if getattr(connection, "_in_transaction", False):
+        connection._in_transaction = False  # storm.databases.sqlite would send ROLLBACK
     if raw is None:
         return
     try:
@@ -212,9 +254,59 @@ def _refuse_other_threads(store: Store, owner: int, name: str | None) -> None:
         )
 
 
+def _check_thread_local(manager: ITransactionManager | None) -> None:
+    if isinstance(manager, transaction.TransactionManager) and not isinstance(
+        manager, threading.local
+    ):
+        raise ConfigurationError(
+            "the transaction manager must be thread-local: a transaction.TransactionManager() "
+            "has one transaction for every thread, so concurrent requests would commit and "
+            "abort each other's work; pass transaction.ThreadTransactionManager() instead, "
+            "or no transaction_manager to use transaction.manager"
+        )
+
+
+def _inherited_transaction(
+    manager: ITransactionManager,
+) -> tuple[transaction.TransactionManager, ITransaction] | None:
+    """The forking thread's transaction in ``manager``, with the manager holding it.
+
+    None when there is none, or when ``manager`` is of a kind whose
+    transaction cannot be read without starting one.
+    """
+    if isinstance(manager, transaction.ThreadTransactionManager):
+        manager = manager.manager  # the forking thread's own
+    if not isinstance(manager, transaction.TransactionManager):
+        return None
+    current = getattr(manager, "_txn", None)
+    return None if current is None else (manager, current)
+
+
+def _drop_inherited_transactions(registries: list[StoreRegistry]) -> None:
+    """Forget each manager's transaction that a registry's store had joined.
+
+    Its data managers are not called: aborting would roll back the
+    parent's connections, and an explicit manager would refuse the child's
+    first ``begin()``. The parent's transaction goes on in the parent.
+    """
+    owners = {id(registry) for registry in registries}
+    managers = {id(r.transaction_manager): r.transaction_manager for r in registries}
+    for manager in managers.values():
+        inherited = _inherited_transaction(manager)
+        if inherited is None:
+            continue
+        holder, current = inherited
+        joined = getattr(current, "_resources", ())
+        if any(id(getattr(resource, "_zstorm", None)) in owners for resource in joined):
+            holder.free(current)
+
+
 def _reset_registries_after_fork() -> None:
-    for registry in list(_registries):
+    """In a forked child: no store, connection or transaction of the parent's is used."""
+    registries = list(_registries)
+    for registry in registries:
         registry._after_fork()
+    _drop_inherited_transactions(registries)
 
 
 os.register_at_fork(after_in_child=_reset_registries_after_fork)

@@ -13,7 +13,7 @@ from storm.exceptions import ClosedError
 from storm.store import Store
 from storm.zope.interfaces import ZStormError
 
-from middlestorm import StoreRegistry, UnknownStoreError, WrongThreadError
+from middlestorm import ConfigurationError, StoreRegistry, UnknownStoreError, WrongThreadError
 from tests.models import Note
 
 
@@ -180,7 +180,7 @@ def test_two_registries_never_share_stores(db):
 
 
 def test_a_registry_has_its_own_transaction_manager_when_given_one(db):
-    manager = transaction.TransactionManager()
+    manager = transaction.ThreadTransactionManager()
     registry = StoreRegistry({"main": db.uri}, transaction_manager=manager)
     try:
         manager.begin()
@@ -191,6 +191,61 @@ def test_a_registry_has_its_own_transaction_manager_when_given_one(db):
         registry.release()
 
     assert db.notes() == ["own manager"]
+
+
+def test_a_transaction_manager_shared_by_all_threads_is_refused_and_the_fix_named(db):
+    with pytest.raises(ConfigurationError, match="thread") as refused:
+        StoreRegistry({"main": db.uri}, transaction_manager=transaction.TransactionManager())
+
+    assert "transaction.ThreadTransactionManager()" in str(refused.value)
+    assert "transaction.manager" in str(refused.value)
+
+
+def test_an_explicit_thread_local_transaction_manager_is_accepted(db):
+    manager = transaction.ThreadTransactionManager()
+    manager.explicit = True
+    registry = StoreRegistry({"main": db.uri}, transaction_manager=manager)
+    try:
+        with manager:
+            registry.get().add(Note("explicit"))
+    finally:
+        registry.release()
+
+    assert db.notes() == ["explicit"]
+
+
+def test_threads_sharing_a_registry_with_its_own_manager_keep_exactly_their_commits(db):
+    """Eight threads are mid-transaction at once; every third transaction aborts."""
+    manager = transaction.ThreadTransactionManager()
+    registry = StoreRegistry({"main": db.uri}, transaction_manager=manager)
+    threads, rounds = 8, 6
+    all_in_a_transaction = threading.Barrier(threads)
+
+    def work(number: int) -> tuple[set[str], set[str]]:
+        committed, aborted = set(), set()
+        try:
+            for index in range(rounds):
+                body = f"thread {number} note {index}"
+                manager.begin()
+                registry.get().add(Note(body))
+                all_in_a_transaction.wait(30)
+                if index % 3 == 2:
+                    manager.abort()
+                    aborted.add(body)
+                else:
+                    manager.commit()
+                    committed.add(body)
+        finally:
+            registry.release()
+        return committed, aborted
+
+    with ThreadPoolExecutor(threads) as pool:
+        outcomes = list(pool.map(work, range(threads)))
+
+    committed = set().union(*(done for done, _ in outcomes))
+    aborted = set().union(*(undone for _, undone in outcomes))
+    assert len(committed) == threads * 4 and len(aborted) == threads * 2
+    assert sorted(db.notes()) == sorted(committed)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
