@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 import traceback
+from urllib.parse import quote
 
 import pytest
+import transaction
+from hypothesis import given
+from hypothesis import strategies as st
 from storm.database import create_database
 
 from middlestorm import ConfigurationError, MiddleStorm, StoreRegistry, open_database, redact_uri
+from tests.conftest import POSTGRES_URI, require_postgres
 from tests.helpers import call
 
 SECRET = "s3cr3t-Pa55"
@@ -64,7 +69,20 @@ def test_an_empty_registry_is_refused():
         StoreRegistry({})
 
 
-@pytest.mark.parametrize("uri", [f"nope://app:{SECRET}@h/d", f"postgres://app:{SECRET}@h:x/d"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"nope://app:{SECRET}@h/d",
+        f"postgres://app:{SECRET}@h:x/d",
+        f"nope://app:{SECRET}/{SECRET}@h/d",
+        f"postgres://app:{SECRET}/{SECRET}@h/d",
+        f"postgres://app:{SECRET}?{SECRET}@h/d",
+        f"postgres://app:{SECRET}@{SECRET}@h/d",
+        f"postgres://app:{SECRET}%20{SECRET}@h/d",
+        f"postgres://h/d?password={SECRET}%20{SECRET}",
+        f"postgres://app:{SECRET}@h/d?sslmod=require",
+    ],
+)
 def test_errors_about_a_uri_never_show_its_password(uri):
     with pytest.raises(ConfigurationError) as caught:
         MiddleStorm(app, uri)
@@ -80,9 +98,10 @@ def test_a_storm_database_is_used_as_given():
     assert open_database(database) == (database, "sqlite:")
 
 
-def test_a_failing_connection_shows_no_password_in_errors_logs_or_reprs(caplog):
+@pytest.mark.parametrize("password", [SECRET, quote(f"{SECRET}/@:?#'{SECRET}", safe="")])
+def test_a_failing_connection_shows_no_password_in_errors_logs_or_reprs(password, caplog):
     # Port 1 refuses connections: the request fails while connecting.
-    middleware = MiddleStorm(app, f"postgres://app:{SECRET}@127.0.0.1:1/app?connect_timeout=5")
+    middleware = MiddleStorm(app, f"postgres://app:{password}@127.0.0.1:1/app?connect_timeout=5")
     caplog.set_level(logging.DEBUG)
 
     with pytest.raises(Exception) as caught:
@@ -92,3 +111,207 @@ def test_a_failing_connection_shows_no_password_in_errors_logs_or_reprs(caplog):
     shown = [repr(middleware), repr(middleware.registry), printed, caplog.text]
     assert all(SECRET not in text for text in shown)
     assert "127.0.0.1" in str(caught.value)
+
+
+# -- Passwords of any characters ---------------------------------------------
+
+#: Characters that mean something in a URI, or to libpq, or to neither.
+AWKWARD = ["/", "@", ":", "?", "#", "%2F", "%40", "%25", " ", "%20", "&", "=", "'", '"', "\\"]
+
+
+def with_password(uri: str, password: str) -> str:
+    """``uri`` (``scheme://user@...``) with ``password`` after its user name, as written."""
+    scheme, rest = uri.split("://", 1)
+    user, place = rest.split("@", 1)
+    return f"{scheme}://{user.split(':', 1)[0]}:{password}@{place}"
+
+
+@pytest.mark.parametrize("inside", AWKWARD)
+def test_redact_uri_hides_a_password_whatever_its_characters(inside):
+    uri = f"postgres://app:{SECRET}{inside}{SECRET}@db.example:5432/app?sslmode=require"
+
+    assert redact_uri(uri) == "postgres://app:***@db.example:5432/app?sslmode=require"
+
+
+@pytest.mark.parametrize("inside", [c for c in AWKWARD if c != "&"])
+def test_redact_uri_hides_a_password_option_whatever_its_characters(inside):
+    uri = f"postgres://db.example/app?user=app&password={SECRET}{inside}{SECRET}"
+
+    assert redact_uri(uri) == "postgres://db.example/app?user=app&password=***"
+
+
+def test_redact_uri_hides_a_password_option_whose_name_is_percent_encoded():
+    # Storm decodes option names: "pass%77ord" is "password".
+    uri = f"postgres://db.example/app?pass%77ord={SECRET}"
+
+    assert SECRET not in redact_uri(uri)
+
+
+#: Any text, with the characters that mean something in a URI or to libpq
+#: drawn often.
+passwords = st.text(st.sampled_from("/@:?#%&= '\"\\+;") | st.characters(), min_size=1)
+
+
+@given(password=passwords)
+def test_redact_uri_hides_any_password_in_the_user_part(password):
+    uri = f"postgres://app:{password}@db.example:5432/app?sslmode=require"
+
+    assert redact_uri(uri) == "postgres://app:***@db.example:5432/app?sslmode=require"
+
+
+@given(password=passwords.filter(lambda password: "&" not in password))
+def test_redact_uri_hides_any_password_option(password):
+    # "&" separates options: Storm reads a raw "&" as the start of the next one.
+    uri = f"postgres://db.example/app?sslmode=require&password={password}"
+
+    assert redact_uri(uri) == "postgres://db.example/app?sslmode=require&password=***"
+
+
+@pytest.mark.parametrize("inside", ["/", "@", ":", "?", "%+1", "% 1"])
+def test_a_password_storm_would_misread_fails_at_construction_with_a_hint(inside):
+    # Storm cuts the URI at the first "/" and "@" and the last ":", and
+    # decodes "%+1" to chr(1): the password must be percent-encoded.
+    uri = f"postgres://app:{SECRET}{inside}{SECRET}@127.0.0.1/app"
+
+    with pytest.raises(ConfigurationError, match="percent-encode"):
+        MiddleStorm(app, uri)
+
+
+@pytest.mark.parametrize(
+    ("password", "problem"),
+    [
+        (f"{SECRET}%20{SECRET}", "whitespace"),
+        (f"{SECRET}%09{SECRET}", "whitespace"),
+        (f"{SECRET}%0A", "whitespace"),
+        (f"%20{SECRET}", "whitespace"),
+        (f"{SECRET}%5C{SECRET}", "backslash"),
+        (f"%27{SECRET}", "quote"),
+        (f"{SECRET}%00{SECRET}", "NUL"),
+    ],
+)
+def test_a_password_libpq_would_misread_fails_at_construction(password, problem):
+    # Storm pastes the decoded password unquoted into libpq's "key=value" string.
+    with pytest.raises(ConfigurationError, match=f"the password .*{problem}"):
+        MiddleStorm(app, f"postgres://app:{password}@127.0.0.1/app")
+
+
+def test_refusing_a_password_libpq_would_misread_says_how_to_give_it_instead():
+    with pytest.raises(ConfigurationError, match=r"PGPASSWORD.*\.pgpass"):
+        MiddleStorm(app, f"postgres://app:{SECRET}%20{SECRET}@127.0.0.1/app")
+
+
+def test_an_empty_password_followed_by_options_fails_at_construction():
+    # libpq would take "connect_timeout=5" for the password.
+    with pytest.raises(ConfigurationError, match="the password .*empty"):
+        MiddleStorm(app, "postgres://app:@127.0.0.1/app?connect_timeout=5")
+
+
+@pytest.mark.parametrize(
+    ("uri", "part"),
+    [
+        ("postgres://my%20app@127.0.0.1/app", "the user name"),
+        ("postgres://app@127.0.0.1/my%5Capp", "the database name"),
+        ("postgres://app@127.0.0.1/app?options=-c%20search_path%3Dx", "the option 'options'"),
+    ],
+)
+def test_a_user_database_or_option_libpq_would_misread_fails_at_construction(uri, part):
+    with pytest.raises(ConfigurationError, match=f"{part} .*(whitespace|backslash)"):
+        MiddleStorm(app, uri)
+
+
+def test_an_unknown_postgres_option_fails_at_construction():
+    with pytest.raises(ConfigurationError, match="no connection option 'sslmod'"):
+        MiddleStorm(app, "postgres://app@127.0.0.1/app?sslmod=require")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "password",
+    ["a/b@c:d?e#f%g&h=i;j", "mid'quote", "end'", '"dquote"', "=starts", "pässwörd", "x" * 200],
+)
+def test_a_password_libpq_reads_intact_is_accepted_and_reaches_postgres(password):
+    require_postgres()
+    # Percent-encoded as Storm decodes it: non-ASCII characters as they are.
+    written = "".join(c if ord(c) > 127 else quote(c, safe="") for c in password)
+    registry = StoreRegistry({"main": with_password(POSTGRES_URI, written)})
+
+    store = registry.get()
+    try:
+        assert store.execute("SELECT 1").get_one() == (1,)
+        assert store._connection._raw_connection.info.password == password
+    finally:
+        transaction.abort()
+        registry.release()
+
+
+def test_a_percent_encoded_utf8_password_fails_at_construction():
+    # Storm decodes %C3%A4 to "Ã¤", not "ä": the server would get another password.
+    with pytest.raises(ConfigurationError, match="UTF-8.*as they are"):
+        MiddleStorm(app, f"postgres://app:{quote('pässwörd')}@127.0.0.1/app")
+
+
+@pytest.mark.postgres
+# Not a raw "@": Storm would take what follows it for a host name and look it up.
+@pytest.mark.parametrize("inside", [*(c for c in AWKWARD if c != "@"), "%5C", "%00", "%27", "%0A"])
+def test_a_password_never_shows_from_construction_to_the_first_request(inside, caplog):
+    require_postgres()
+    caplog.set_level(logging.DEBUG)
+    uri = with_password(POSTGRES_URI, f"{SECRET}{inside}{SECRET}")
+    shown = []
+    try:
+        middleware = MiddleStorm(app, uri)
+        shown.append(repr(middleware))
+        try:
+            call(middleware)
+        finally:
+            middleware.registry.release()
+    except Exception as error:  # refused, or the request failed: either may say why
+        shown.append("".join(traceback.format_exception(error)))
+
+    assert [text for text in [*shown, caplog.text] if SECRET in text] == []
+
+
+def test_set_default_uri_keeps_only_the_redacted_uri():
+    registry = StoreRegistry({"main": "sqlite:"})
+
+    registry.set_default_uri("other", f"postgres://app:{SECRET}@127.0.0.1:1/app")
+
+    assert registry.get_default_uris()["other"] == "postgres://app:***@127.0.0.1:1/app"
+    assert SECRET not in repr(registry)
+
+
+@pytest.mark.parametrize(
+    "uri", ["app.db", f"postgres://app:{SECRET}%20x@127.0.0.1/app", f"postgres://app:{SECRET}@@h/d"]
+)
+def test_set_default_uri_refuses_what_the_constructor_refuses(uri):
+    registry = StoreRegistry({"main": "sqlite:"})
+
+    with pytest.raises(ConfigurationError) as caught:
+        registry.set_default_uri("other", uri)
+
+    assert SECRET not in str(caught.value)
+    assert "other" not in registry.get_default_uris()
+
+
+def test_set_default_uri_adds_a_store_the_registry_hands_out():
+    registry = StoreRegistry({"main": "sqlite:"})
+
+    registry.set_default_uri("other", "sqlite:")
+
+    assert registry.get("other").execute("SELECT 1").get_one() == (1,)
+    assert registry.names == ["main", "other"]
+    transaction.abort()
+    registry.release()
+
+
+def test_a_storm_database_given_directly_is_named_without_its_password():
+    database = create_database(f"postgres://app:{quote(SECRET + '/@:', safe='')}@127.0.0.1:1/app")
+
+    assert open_database(database) == (database, "postgres://app:***@127.0.0.1:1/app")
+
+
+def test_a_storm_database_libpq_would_misread_is_refused():
+    database = create_database(f"postgres://app:{SECRET}%20x@127.0.0.1:1/app")
+
+    with pytest.raises(ConfigurationError, match="the password .*whitespace"):
+        StoreRegistry({"main": database})
