@@ -109,6 +109,16 @@ class Database:
         """The bodies of the committed notes, oldest first."""
         return [row[0] for row in self.query("SELECT body FROM note ORDER BY id")]
 
+    def idle_in_transaction(self) -> int:
+        """PostgreSQL sessions of this test's stores left inside a transaction (0 on SQLite)."""
+        if self.kind != "postgres":
+            return 0
+        return self.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND state LIKE 'idle in transaction%%'",
+            self.name,
+        )[0][0]
+
     def backends(self) -> int:
         """How many server connections this test's stores hold open."""
         assert self.kind == "postgres", "only PostgreSQL counts its connections"
@@ -163,6 +173,23 @@ def empty_db(request, tmp_path) -> Database:
 def pg(tmp_path) -> Database:
     """An empty test database on PostgreSQL, for what only PostgreSQL can show."""
     return make_database("postgres", tmp_path)
+
+
+@pytest.fixture
+def middleware(db):
+    """Make a MiddleStorm on the test database; this thread's stores are closed afterwards."""
+    made: list = []
+
+    def make(app, **options):
+        from middlestorm import MiddleStorm
+
+        made.append(MiddleStorm(app, db.uri, **options))
+        return made[-1]
+
+    yield make
+    transaction.manager.abort()
+    for each in made:
+        each.registry.release()
 
 
 def require_postgres() -> None:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from werkzeug.test import EnvironBuilder
+from werkzeug.wsgi import ClosingIterator
+
+from tests.models import Note
 
 
 @dataclass
@@ -59,3 +62,26 @@ def call(app: Callable, path: str = "/", method: str = "GET", **options: Any) ->
         if close is not None:
             close()
     return exchange
+
+
+def streaming(*words: str, headers=(), closed: list | None = None) -> Callable:
+    """An app whose generator body adds (and flushes) a note per chunk.
+
+    ``closed``, if given, gets ``True`` appended when the body is closed.
+    """
+
+    def app(environ, start_response):
+        store = environ["storm.store"]
+        start_response("200 OK", [("Content-Type", "text/plain"), *headers])
+
+        def body():
+            for word in words:
+                store.add(Note(word))
+                store.flush()
+                yield word.encode()
+
+        if closed is None:
+            return body()
+        return ClosingIterator(body(), lambda: closed.append(True))
+
+    return app

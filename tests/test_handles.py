@@ -10,7 +10,6 @@ import pytest
 import transaction
 
 from middlestorm import (
-    MiddleStorm,
     StoreRegistry,
     UnknownStoreError,
     WrongThreadError,
@@ -22,30 +21,16 @@ from tests.models import Note
 
 
 @pytest.fixture
-def served(db):
-    """Serve ``app`` with MiddleStorm on the test database; the worker pool it may use."""
-    made: list[MiddleStorm] = []
+def served(middleware):
+    """Serve ``app`` with MiddleStorm on the test database; ``served.workers`` is a pool."""
     workers = ThreadPoolExecutor(1, thread_name_prefix="worker")
 
     def serve(app, **options):
-        made.append(MiddleStorm(app, db.uri, **options))
-        return call(made[-1])
+        return call(middleware(app, **options))
 
     serve.workers = workers
     yield serve
     workers.shutdown()
-    for middleware in made:
-        middleware.registry.release()
-
-
-def idle_in_transaction(db) -> int:
-    if db.kind != "postgres":
-        return 0
-    return db.query(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-        "AND state LIKE 'idle in transaction%%'",
-        db.name,
-    )[0][0]
 
 
 def handing_to_a_worker(use, workers):
@@ -77,7 +62,7 @@ def test_the_requests_store_used_in_a_worker_thread_raises_naming_both_threads(d
     assert b"MainThread" in response.data and b"worker_0" in response.data
     assert sent_by_worker == [0]  # refused before any statement was sent
     assert db.notes() == ["from the request"]
-    assert idle_in_transaction(db) == 0
+    assert db.idle_in_transaction() == 0
 
 
 def test_the_requests_stores_by_name_used_in_a_worker_thread_raise(db, served):
@@ -87,7 +72,7 @@ def test_the_requests_stores_by_name_used_in_a_worker_thread_raise(db, served):
     response = served(handing_to_a_worker(use, served.workers))
 
     assert response.data.startswith(b"WrongThreadError(")
-    assert idle_in_transaction(db) == 0
+    assert db.idle_in_transaction() == 0
 
 
 def test_current_store_in_a_worker_running_the_requests_context_raises(db, served):
@@ -101,7 +86,7 @@ def test_current_store_in_a_worker_running_the_requests_context_raises(db, serve
         return [repr(outcome).encode()]
 
     assert served(app).data.startswith(b"WrongThreadError(")
-    assert idle_in_transaction(db) == 0
+    assert db.idle_in_transaction() == 0
 
 
 def test_current_store_in_asyncio_to_thread_raises(db, served):

@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 import re
 
-import pytest
-
-from middlestorm import MiddleStorm
 from tests.helpers import call
 from tests.models import Note
 
@@ -22,19 +19,6 @@ def counting_app(reads: int):
         return [b"ok"]
 
     return app
-
-
-@pytest.fixture
-def middleware(db):
-    made = []
-
-    def make(app, **options):
-        made.append(MiddleStorm(app, db.uri, **options))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.registry.release()
 
 
 def server_timing(response) -> str | None:

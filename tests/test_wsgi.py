@@ -21,7 +21,7 @@ from middlestorm import (
     make_middleware,
 )
 from tests.conftest import make_database
-from tests.helpers import call, start
+from tests.helpers import call, start, streaming
 from tests.models import Note, Tag
 
 
@@ -53,24 +53,6 @@ def adding(body: str = "hello", status: str = "200 OK", headers=()):
         environ["storm.store"].add(Note(body))
         start_response(status, [("Content-Type", "text/plain"), *headers])
         return [b"ok"]
-
-    return app
-
-
-def streaming(*words: str, headers=()):
-    """An app whose body is a generator that writes a note per chunk."""
-
-    def app(environ, start_response):
-        store = environ["storm.store"]
-        start_response("200 OK", [("Content-Type", "text/plain"), *headers])
-
-        def body():
-            for word in words:
-                store.add(Note(word))
-                store.flush()
-                yield word.encode()
-
-        return body()
 
     return app
 

@@ -10,10 +10,9 @@ import urllib.parse
 import pytest
 import transaction
 from storm.exceptions import IntegrityError
-from werkzeug.wsgi import ClosingIterator
 
 from middlestorm import MiddleStorm, NoRequestError, StoreRegistry, get_store
-from tests.helpers import call, start
+from tests.helpers import call, start, streaming
 from tests.models import Note, Tag
 from tests.servers import start_server
 from tests.wsgi_apps import CHUNKS
@@ -56,51 +55,6 @@ def ends():
     transaction.manager.unregisterSynch(recorder)
 
 
-@pytest.fixture
-def middleware(db):
-    made: list[MiddleStorm] = []
-
-    def make(app, **options) -> MiddleStorm:
-        made.append(MiddleStorm(app, db.uri, **options))
-        return made[-1]
-
-    yield make
-    transaction.manager.abort()
-    for each in made:
-        each.registry.release()
-
-
-def idle_in_transaction(db) -> int:
-    """PostgreSQL sessions of this test's stores left inside a transaction."""
-    if db.kind != "postgres":
-        return 0
-    return db.query(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-        "AND state LIKE 'idle in transaction%%'",
-        db.name,
-    )[0][0]
-
-
-def streaming(*words: str, closed: list | None = None, headers=()):
-    """An app whose generator body adds a note per chunk; ``closed`` learns when it is closed."""
-
-    def app(environ, start_response):
-        store = environ["storm.store"]
-        start_response("200 OK", [("Content-Type", "text/plain"), *headers])
-
-        def body():
-            for word in words:
-                store.add(Note(word))
-                store.flush()
-                yield word.encode()
-
-        if closed is None:
-            return body()
-        return ClosingIterator(body(), lambda: closed.append(True))
-
-    return app
-
-
 def refusing_server(error: Exception):
     """A start_response that refuses the status, as a strict server does."""
 
@@ -123,7 +77,7 @@ def test_an_app_that_raises_ends_its_transaction_once_by_abort(db, middleware, e
         call(middleware(app))
 
     assert ends == ["aborted"]
-    assert db.notes() == [] and idle_in_transaction(db) == 0
+    assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
 def test_a_list_body_ends_its_transaction_once_by_commit(db, middleware, ends):
@@ -146,7 +100,7 @@ def test_a_streamed_body_whose_veto_raises_aborts_once(db, middleware, ends):
         call(middleware(streaming("lost"), commit_veto=veto))
 
     assert ends == ["aborted"]
-    assert db.notes() == [] and idle_in_transaction(db) == 0
+    assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
 def test_a_body_that_raises_while_streaming_aborts_once(db, middleware, ends):
@@ -165,7 +119,7 @@ def test_a_body_that_raises_while_streaming_aborts_once(db, middleware, ends):
         call(middleware(app))
 
     assert ends == ["aborted"]
-    assert db.notes() == [] and idle_in_transaction(db) == 0
+    assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
 def test_a_body_whose_close_raises_aborts_once_and_the_error_propagates(db, middleware, ends):
@@ -188,7 +142,7 @@ def test_a_body_whose_close_raises_aborts_once_and_the_error_propagates(db, midd
         call(middleware(app))
 
     assert ends == ["aborted"]
-    assert db.notes() == [] and idle_in_transaction(db) == 0
+    assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
 # -- the server refuses ---------------------------------------------------------------
@@ -214,7 +168,7 @@ def test_a_server_refusing_a_streamed_status_aborts_closes_the_body_and_unbinds(
     assert closed == [True]
     with pytest.raises(NoRequestError):
         get_store()
-    assert db.notes() == [] and idle_in_transaction(db) == 0
+    assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
 def test_a_server_refusing_the_status_of_a_generator_app_aborts(db, middleware, ends):
@@ -229,7 +183,7 @@ def test_a_server_refusing_the_status_of_a_generator_app_aborts(db, middleware, 
         next(iter(body))
 
     assert ends == ["aborted"]
-    assert db.notes() == [] and idle_in_transaction(db) == 0
+    assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
 def test_a_header_with_a_line_break_is_refused_before_anything_is_committed(db, middleware, ends):
@@ -288,7 +242,7 @@ def test_waitress_refusing_a_streamed_header_leaves_no_transaction_open(request,
 
     assert status == 500  # waitress refuses hop-by-hop headers in start_response
     assert closed == [True]
-    assert db.notes() == [] and idle_in_transaction(db) == 0
+    assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
 # -- the client leaves, or the server never closes -------------------------------------
@@ -302,7 +256,7 @@ def test_a_client_leaving_mid_stream_aborts_once(db, middleware, ends):
     body.close()
 
     assert ends == ["aborted"]
-    assert db.notes() == [] and idle_in_transaction(db) == 0
+    assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
 def test_a_fully_sent_body_is_committed_even_if_the_server_never_closes_it(db, middleware, ends):
@@ -311,7 +265,7 @@ def test_a_fully_sent_body_is_committed_even_if_the_server_never_closes_it(db, m
     assert list(body) == [b"one", b"two"]
 
     assert ends == ["committed"]
-    assert db.notes() == ["one", "two"] and idle_in_transaction(db) == 0
+    assert db.notes() == ["one", "two"] and db.idle_in_transaction() == 0
 
 
 def test_an_unclosed_body_is_rolled_back_when_its_thread_begins_the_next_request(
