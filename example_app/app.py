@@ -1,21 +1,54 @@
-"""Routes and views: an HTML page with forms, and a JSON API for the same notes."""
+"""Routes and views: an HTML page with forms, and a JSON API for the same notes.
+
+Bad input gets a 4xx and changes nothing: a form's mistake a 400 showing the
+page again with the reason; malformed JSON, text that is not UTF-8 or that
+holds control characters (newline and tab are fine) a 400; a body of the wrong
+Content-Type a 415; an id that is not a whole number from 1 to ``MAX_ID`` a
+404; a request body over ``MAX_BODY_BYTES`` a 413, before it is read.
+
+Errors come as JSON, ``{"error": "..."}``, under ``/api/`` and to any client
+whose Accept header prefers ``application/json`` to ``text/html``; otherwise
+as HTML. That holds for the app's own errors (400, 404, 405, 413, 415) and
+for an unexpected one (500, its traceback logged, not sent).
+"""
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import parse_qs
 
-from werkzeug.exceptions import BadRequest, HTTPException, NotFound
-from werkzeug.routing import Map, Rule
+from werkzeug.exceptions import (
+    BadRequest,
+    HTTPException,
+    InternalServerError,
+    NotFound,
+    RequestEntityTooLarge,
+    UnsupportedMediaType,
+)
+from werkzeug.routing import IntegerConverter, Map, Rule
 from werkzeug.utils import redirect
 from werkzeug.wrappers import Request, Response
 
 from example_app import schema
 from example_app.models import MAX_LENGTH, Note, validate_body
 from middlestorm import MiddleStorm, current_store
+
+#: The largest request body read, in bytes; a larger one is refused with 413.
+#: Far above what a note needs: 500 characters are at most 6 KB of JSON.
+MAX_BODY_BYTES = 64 * 1024
+#: The largest note id looked up. SQLite's INTEGER holds 64 bits; PostgreSQL's
+#: SERIAL stops at 2**31 - 1 but compares a larger number to it without error.
+#: So ids up to here are looked up on both, and any beyond is a 404 without a query.
+MAX_ID = 2**63 - 1
+#: The one form encoding the page's forms send.
+FORM = "application/x-www-form-urlencoded"
+
+log = logging.getLogger(__name__)
 
 
 def create_app(db_uri: str, *, server_timing: bool = False) -> MiddleStorm:
@@ -35,16 +68,47 @@ def paste_app_factory(global_conf: dict[str, str], **local_conf: str) -> Callabl
     return notes_app
 
 
-@Request.application
+class NotesRequest(Request):
+    #: werkzeug refuses a larger Content-Length (413) when the body is first
+    #: read, and stops reading a chunked body at this size.
+    max_content_length = MAX_BODY_BYTES
+
+
+@NotesRequest.application
 def notes_app(request: Request) -> Response:
-    adapter = URLS.bind_to_environ(request.environ)
     try:
-        view, values = adapter.match()
-        return view(request, **values)
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            raise body_too_large()  # even where the view would not read it
+        view, values = URLS.bind_to_environ(request.environ).match()
+        response = view(request, **values)
+        current_store.flush()  # a database error is then still this app's to report
+        return response
     except HTTPException as error:
-        if request.path.startswith("/api/"):
-            return json_response({"error": error.description}, error.code)
-        return error.get_response(request.environ)
+        return error_response(request, error)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(request, InternalServerError())
+
+
+def wants_json(request: Request) -> bool:
+    """Whether errors go out as JSON: under /api/, or when the client prefers it."""
+    if request.path == "/api" or request.path.startswith("/api/"):
+        return True
+    preferred = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return preferred == "application/json"
+
+
+def error_response(request: Request, error: HTTPException) -> Response:
+    if wants_json(request):
+        headers = [  # such as a 405's Allow
+            (name, value)
+            for name, value in error.get_headers(request.environ)
+            if name.lower() != "content-type"
+        ]
+        return json_response({"error": error.description}, error.code or 500, headers)
+    if error.code == 400:  # a form's mistake: the page again, saying what it was
+        return page(request, error.description, 400)
+    return error.get_response(request.environ)
 
 
 # -- the HTML page ------------------------------------------------------------------
@@ -74,19 +138,13 @@ def page(request: Request, error: str | None = None, status: int = 200) -> Respo
 
 
 def page_create(request: Request) -> Response:
-    body, error = validate_body(request.form.get("body"))
-    if error:
-        return page(request, error, 400)
-    current_store.add(Note(body))
+    current_store.add(Note(body_from_form(request)))
     return redirect("/", 303)
 
 
 def page_update(request: Request, note_id: int) -> Response:
     note = get_note(note_id)
-    body, error = validate_body(request.form.get("body"))
-    if error:
-        return page(request, error, 400)
-    edit(note, body)
+    edit(note, body_from_form(request))
     return redirect("/", 303)
 
 
@@ -107,7 +165,7 @@ def api_create(request: Request) -> Response:
     body = body_from_json(request)
     note = current_store.add(Note(body))
     current_store.flush()  # assigns note.id
-    return json_response(note.as_json(), 201, Location=f"/api/notes/{note.id}")
+    return json_response(note.as_json(), 201, {"Location": f"/api/notes/{note.id}"})
 
 
 def api_get(request: Request, note_id: int) -> Response:
@@ -129,7 +187,7 @@ def api_delete(request: Request, note_id: int) -> Response:
 
 
 def get_note(note_id: int) -> Note:
-    note = current_store.get(Note, note_id)
+    note = current_store.get(Note, note_id) if 1 <= note_id <= MAX_ID else None
     if note is None:
         raise NotFound(f"there is no note {note_id}")
     return note
@@ -140,18 +198,69 @@ def edit(note: Note, body: str) -> None:
     note.updated = datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def body_too_large() -> RequestEntityTooLarge:
+    return RequestEntityTooLarge(f"the request body must be at most {MAX_BODY_BYTES} bytes")
+
+
+def read_body(request: Request) -> bytes:
+    """The request body, of at most ``MAX_BODY_BYTES``; 413 for a larger one."""
+    data = request.get_data()  # a larger Content-Length was refused in notes_app
+    if request.content_length is None and len(data) >= MAX_BODY_BYTES:
+        # werkzeug stops reading a chunked body at the limit, silently: one
+        # that reaches it may go on, and is refused unread.
+        raise body_too_large()
+    return data
+
+
 def body_from_json(request: Request) -> str:
-    data = request.get_json(silent=True)
+    if not request.is_json:
+        raise UnsupportedMediaType("send JSON, with Content-Type: application/json")
+    try:
+        data = json.loads(read_body(request).decode())
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not valid UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    except (ValueError, RecursionError):  # a number too long, arrays nested too deep
+        raise BadRequest("the request body is JSON too large to read") from None
     if not isinstance(data, dict):
         raise BadRequest('send a JSON object such as {"body": "text"}')
-    body, error = validate_body(data.get("body"))
+    return validated(data.get("body"))
+
+
+def body_from_form(request: Request) -> str:
+    if request.mimetype != FORM:
+        raise UnsupportedMediaType(f"send the form as {FORM}")
+    try:
+        fields = parse_qs(read_body(request).decode(), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("the form is not valid UTF-8") from None
+    return validated(fields.get("body", [None])[0])
+
+
+def validated(value: object) -> str:
+    body, error = validate_body(value)
     if error:
         raise BadRequest(error)
+    assert body is not None
     return body
 
 
-def json_response(data: Any, status: int = 200, **headers: str) -> Response:
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | list[tuple[str, str]] | None = None
+) -> Response:
     return Response(json.dumps(data), status, headers, content_type="application/json")
+
+
+class NoteIdConverter(IntegerConverter):
+    """A note's id in a URL: 1 to 19 ASCII digits, as many as ``MAX_ID`` has.
+
+    Any other path matches no route, a 404 whatever the method; ``get_note``
+    answers 404 for a number out of range. (werkzeug's ``int(max=...)`` would
+    make it a 405 for the methods of the other rules on the same path.)
+    """
+
+    regex = r"[0-9]{1,19}"
 
 
 #: Each rule's endpoint is its view function.
@@ -159,12 +268,13 @@ URLS = Map(
     [
         Rule("/", endpoint=page, methods=["GET"]),
         Rule("/", endpoint=page_create, methods=["POST"]),
-        Rule("/notes/<int:note_id>", endpoint=page_update, methods=["POST"]),
-        Rule("/notes/<int:note_id>/delete", endpoint=page_delete, methods=["POST"]),
+        Rule("/notes/<id:note_id>", endpoint=page_update, methods=["POST"]),
+        Rule("/notes/<id:note_id>/delete", endpoint=page_delete, methods=["POST"]),
         Rule("/api/notes", endpoint=api_list, methods=["GET"]),
         Rule("/api/notes", endpoint=api_create, methods=["POST"]),
-        Rule("/api/notes/<int:note_id>", endpoint=api_get, methods=["GET"]),
-        Rule("/api/notes/<int:note_id>", endpoint=api_update, methods=["PUT"]),
-        Rule("/api/notes/<int:note_id>", endpoint=api_delete, methods=["DELETE"]),
-    ]
+        Rule("/api/notes/<id:note_id>", endpoint=api_get, methods=["GET"]),
+        Rule("/api/notes/<id:note_id>", endpoint=api_update, methods=["PUT"]),
+        Rule("/api/notes/<id:note_id>", endpoint=api_delete, methods=["DELETE"]),
+    ],
+    converters={"id": NoteIdConverter},
 )

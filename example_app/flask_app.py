@@ -1,5 +1,8 @@
 """The same notes in a Flask application: middlestorm wraps ``app.wsgi_app``.
 
+Its errors are JSON, ``{"error": "..."}``, as under the notes app's ``/api/``,
+and a request body over ``MAX_BODY_BYTES`` is a 413 (``MAX_CONTENT_LENGTH``).
+
 ::
 
     flask --app example_app.flask_app run
@@ -8,8 +11,10 @@
 from __future__ import annotations
 
 from flask import Flask, abort, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from example_app import schema
+from example_app.app import MAX_BODY_BYTES
 from example_app.config import database_uri
 from example_app.models import Note, validate_body
 from middlestorm import MiddleStorm, current_store
@@ -17,6 +22,7 @@ from middlestorm import MiddleStorm, current_store
 
 def create_app(db_uri: str | None = None) -> Flask:
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     uri = database_uri(db_uri)
     schema.upgrade_database(uri)
     app.wsgi_app = MiddleStorm(app.wsgi_app, uri)  # type: ignore[method-assign]
@@ -33,5 +39,14 @@ def create_app(db_uri: str | None = None) -> Flask:
         note = current_store.add(Note(body))
         current_store.flush()
         return jsonify(note.as_json()), 201
+
+    @app.errorhandler(HTTPException)  # an unexpected error too, as a 500
+    def json_error(error: HTTPException):
+        response = jsonify(error=error.description)
+        response.status_code = error.code or 500
+        response.headers.extend(
+            (name, value) for name, value in error.get_headers() if name.lower() != "content-type"
+        )  # such as a 405's Allow
+        return response
 
     return app
