@@ -223,28 +223,6 @@ def test_a_failed_write_aborts_even_when_the_app_carries_on(db, middleware, ends
     assert db.notes() == []
 
 
-def test_waitress_refusing_a_streamed_header_leaves_no_transaction_open(request, db):
-    from waitress.server import create_server
-
-    closed: list = []
-    app = MiddleStorm(
-        streaming("refused", closed=closed, headers=[("Keep-Alive", "timeout=5")]), db.uri
-    )
-    server = create_server(app, host="127.0.0.1", port=0, threads=1)
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
-    request.addfinalizer(server.close)
-
-    connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
-    connection.request("GET", "/")
-    status = connection.getresponse().status
-    connection.close()
-
-    assert status == 500  # waitress refuses hop-by-hop headers in start_response
-    assert closed == [True]
-    assert db.notes() == [] and db.idle_in_transaction() == 0
-
-
 # -- the client leaves, or the server never closes -------------------------------------
 
 
@@ -399,3 +377,18 @@ def test_a_real_server_never_delivers_a_complete_response_whose_commit_failed(se
     assert db.notes() == [] and db.query("SELECT count(*) FROM tag") == [(0,)]
     assert fetch(served.base_url, "/stream-committed") == (200, b"".join(CHUNKS), True)
     assert db.notes() == ["/stream-committed"]
+
+
+def test_waitress_refusing_a_streamed_header_leaves_no_transaction_open(db, tmp_path):
+    server = start_server(SERVERS["waitress"], db.uri, tmp_path / "server.log")
+    try:
+        refused = fetch(server.base_url, "/hop-by-hop")
+        db_after = (db.notes(), db.idle_in_transaction())
+        next_one = fetch(server.base_url, "/stream-committed")
+    finally:
+        server.stop()
+
+    assert refused[0] == 500, server.output[-2000:]
+    assert "hop-by-hop" in server.output
+    assert db_after == ([], 0)
+    assert next_one == (200, b"".join(CHUNKS), True)

@@ -10,6 +10,9 @@ tables); the file to download from ``$DOWNLOAD_FILE``. Routes:
     whose COMMIT fails on a deferred foreign key.
 ``/stream-committed``
     the same body whose COMMIT succeeds.
+``/hop-by-hop``
+    a streamed body that writes a note, with a ``Keep-Alive`` header, which
+    waitress refuses in ``start_response`` (PEP 3333 forbids hop-by-hop headers).
 ``/download``, ``/download-bare``
     the file, through the server's ``wsgi.file_wrapper``, with and without
     a note written in the request's transaction.
@@ -30,6 +33,11 @@ def routes(environ, start_response):
     path = environ["PATH_INFO"]
     if path in ("/stream-failing-commit", "/sized-failing-commit", "/stream-committed"):
         return stream(environ, start_response, path)
+    if path == "/hop-by-hop":
+        environ["storm.store"].add(Note(path))
+        environ["storm.store"].flush()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Keep-Alive", "timeout=5")])
+        return iter(CHUNKS)
     if path.startswith("/download"):
         return download(environ, start_response, write=path == "/download")
     start_response("200 OK", [("Content-Type", "application/json")])
