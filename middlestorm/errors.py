@@ -1,8 +1,10 @@
 """The exceptions middlestorm raises."""
 
+from storm.exceptions import DisconnectionError
 from storm.zope.interfaces import ZStormError
 
 __all__ = [
+    "CommitInDoubtError",
     "ConfigurationError",
     "MiddleStormError",
     "NoRequestError",
@@ -32,4 +34,13 @@ class WrongThreadError(MiddleStormError, ZStormError):
 
     It subclasses Storm's ``ZStormError``, which Storm raises for the same
     mistake when it notices it first.
+    """
+
+
+class CommitInDoubtError(MiddleStormError, DisconnectionError):
+    """A COMMIT failed in a way that leaves its outcome unknown.
+
+    The connection was lost while the COMMIT was under way (the database may
+    have committed), or one database committed and another then failed. The
+    unit of work is never run again: it might be done twice.
     """

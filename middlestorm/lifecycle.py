@@ -2,9 +2,9 @@
 
 The rules, after repoze.tm2 and pyramid_tm: a unit of work that failed, whose
 transaction is doomed, or whose response the commit veto rejects is aborted;
-anything else is committed. A commit that fails is aborted too, and the
-thread's stores are closed: a connection whose COMMIT failed may still be in
-a transaction (SQLite's is), so the next unit of work opens a fresh one.
+anything else is committed. A commit that fails is aborted too; the stores
+keep their connections, rolled back, for the next unit of work (one the
+database dropped is reopened by Storm when next used).
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ def end_transaction(registry: StoreRegistry, *, commit: bool) -> bool:
     """Commit the current transaction of the registry's manager, or abort it.
 
     A doomed transaction is aborted whatever ``commit`` says. When the commit
-    itself fails, the transaction is aborted, this thread's stores of
-    ``registry`` are closed, and the error is raised.
+    itself fails, the transaction is aborted and the error is raised.
 
     :returns: whether the transaction was committed.
     """
@@ -58,7 +57,6 @@ def end_transaction(registry: StoreRegistry, *, commit: bool) -> bool:
         manager.commit()
     except BaseException:
         abort_quietly(manager)
-        registry.release()
         raise
     return True
 

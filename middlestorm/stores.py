@@ -24,9 +24,10 @@ from collections.abc import Mapping
 import transaction
 from storm.database import STATE_DISCONNECTED, Database
 from storm.store import Store
-from storm.zope.zstorm import ZStorm
+from storm.zope.zstorm import ZStorm, register_store_with_transaction
 from transaction.interfaces import ITransaction, ITransactionManager
 
+from middlestorm import datamanager
 from middlestorm.databases import DatabaseSpec, open_database
 from middlestorm.errors import ConfigurationError, UnknownStoreError, WrongThreadError
 
@@ -133,6 +134,10 @@ class StoreRegistry(ZStorm):
     def create(self, name: str | None, uri: str | None = None) -> Store:
         """Create a store in this thread (see ``ZStorm.create``)."""
         store = super().create(name, uri)
+        store._event.unhook(
+            "register-transaction", register_store_with_transaction, weakref.ref(self)
+        )
+        datamanager.hook(store, self)
         owner = threading.get_ident()
         store._event.hook("register-transaction", _refuse_other_threads, owner, name)
         thread_stores = self._local.__dict__.get("closer")
@@ -144,6 +149,7 @@ class StoreRegistry(ZStorm):
     def remove(self, store: Store) -> None:
         """Stop managing ``store`` (see ``ZStorm.remove``); it is not closed."""
         super().remove(store)
+        datamanager.unhook(store, self)
         thread_stores = self._local.__dict__.get("closer")
         if thread_stores is not None and store in thread_stores.stores:
             thread_stores.stores.remove(store)

@@ -37,7 +37,10 @@ from middlestorm.databases import DatabaseSpec
 from middlestorm.errors import ConfigurationError
 from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import CommitVeto, abort_quietly, default_commit_veto, end_transaction
+from middlestorm.replay import ReplayableInput
+from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
+from middlestorm.work import Next, attempts
 
 __all__ = ["MiddleStorm", "decorator", "make_middleware"]
 
@@ -53,6 +56,14 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 #: inside the transaction, so the commit happens before the status is sent.
 DEFAULT_BUFFER_LIMIT = 1024 * 1024
 
+#: A request body up to this many bytes is kept as the app reads it, so that
+#: the request can be run again after a transient failure.
+DEFAULT_REPLAY_LIMIT = 8 * 1024 * 1024
+#: Of which this many are kept in memory, the rest in a temporary file.
+DEFAULT_REPLAY_IN_MEMORY = 256 * 1024
+
+#: The ``environ`` key of the attempt being run: 1, then 2, … on a retry.
+ATTEMPT_KEY = "middlestorm.attempt"
 #: The ``environ`` key naming the transaction manager of the innermost
 #: MiddleStorm handling the request.
 MANAGER_KEY = "middlestorm.transaction_manager"
@@ -85,6 +96,17 @@ class MiddleStorm:
     :param server_timing: add a ``Server-Timing`` header with the request's
         statement count and database time to responses sent after the
         commit. Off by default: it tells clients how long queries take.
+    :param retry: how a request that failed on a transient error (a
+        serialization failure, a deadlock, a dropped connection, a locked
+        SQLite database) is run again; ``None`` never runs it again. It is
+        run again only while nothing has reached the client or been
+        committed; when the policy runs out, the client gets a 503 with
+        ``Retry-After``. ``environ["middlestorm.attempt"]`` numbers the attempts.
+    :param replay_limit: a request body up to this many bytes is kept as the
+        application reads it, so that it can be read again on a retry; a
+        longer body's request is not run again.
+    :param replay_in_memory: how much of a kept body stays in memory; the
+        rest goes to a temporary file.
     """
 
     def __init__(
@@ -99,6 +121,9 @@ class MiddleStorm:
         commit_veto: CommitVeto | None = default_commit_veto,
         buffer_limit: int = DEFAULT_BUFFER_LIMIT,
         server_timing: bool = False,
+        retry: RetryPolicy | None = DEFAULT_POLICY,
+        replay_limit: int = DEFAULT_REPLAY_LIMIT,
+        replay_in_memory: int = DEFAULT_REPLAY_IN_MEMORY,
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be a WSGI application (a callable), not {app!r}")
@@ -125,9 +150,17 @@ class MiddleStorm:
             self.registry = StoreRegistry(
                 {DEFAULT_STORE: database, **extra}, transaction_manager=transaction_manager
             )
-        if not isinstance(buffer_limit, int) or buffer_limit < 0:
-            raise ConfigurationError(
-                f"buffer_limit must be a whole number >= 0, not {buffer_limit!r}"
+        for option, value in (
+            ("buffer_limit", buffer_limit),
+            ("replay_limit", replay_limit),
+            ("replay_in_memory", replay_in_memory),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigurationError(f"{option} must be a whole number >= 0, not {value!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(
+                "retry must be a middlestorm.RetryPolicy (RetryPolicy(attempts=5), say) "
+                f"or None, not {retry!r}"
             )
         self.app = app
         self.key = key
@@ -135,6 +168,9 @@ class MiddleStorm:
         self.commit_veto = commit_veto
         self.buffer_limit = buffer_limit
         self.server_timing = server_timing
+        self.retry = retry if retry is not None else RetryPolicy(attempts=1)
+        self.replay_limit = replay_limit
+        self.replay_in_memory = replay_in_memory
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -149,7 +185,10 @@ class MiddleStorm:
             environ[self.stores_key] = stores
             environ[MANAGER_KEY] = manager
             environ[OPEN_MANAGERS_KEY] = (manager,)
-            return _Exchange(self, stores, environ, start_response, bind=True).run()
+            if self.retry.attempts == 1:
+                environ[ATTEMPT_KEY] = 1
+                return _Exchange(self, stores, environ, start_response, bind=True).run()
+            return self._with_retries(environ, start_response, stores)
         joins = manager in enclosing
         scope = _Scope(
             environ,
@@ -167,6 +206,48 @@ class MiddleStorm:
             else:
                 result = _Exchange(self, stores, environ, start_response, bind=False).run()
         return scope.around(result)
+
+    def _with_retries(
+        self, environ: Environ, start_response: StartResponse, stores: ThreadStores
+    ) -> Iterable[bytes]:
+        """Run the request, and again after a transient failure the client saw nothing of."""
+        body = _replayable_body(environ, self.replay_limit, self.replay_in_memory)
+        original = environ.copy()  # each attempt starts from the environ the server gave
+        for attempt in attempts(self.retry):
+            if attempt.number > 1:
+                environ = original.copy()
+            environ[ATTEMPT_KEY] = attempt.number
+            exchange = _Exchange(self, stores, environ, start_response, bind=True)
+            try:
+                return exchange.run()
+            except BaseException as error:
+                if exchange.reached_client or exchange.committed:
+                    raise
+                if body is not None and not body.rewind():
+                    log.info("not running the request again: its body is over replay_limit")
+                    raise
+                what = f"request {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
+                next_step = attempt.failed(error, what)
+                if next_step is Next.RETRY:
+                    continue
+                if next_step is Next.EXHAUSTED:
+                    return self._busy(start_response)
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def _busy(self, start_response: StartResponse) -> list[bytes]:
+        """503 with Retry-After, for a request that kept failing transiently."""
+        retry_after = self.retry.retry_after
+        body = f"The server is busy; try again in {retry_after} s.\n".encode()
+        start_response(
+            "503 Service Unavailable",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("Retry-After", str(retry_after)),
+            ],
+        )
+        return [body]
 
     def _thread_stores(self) -> ThreadStores:
         try:
@@ -275,6 +356,7 @@ class _Exchange:
         #: The server refused the status or a write: the client cannot have it all.
         self.broken = False
         self.ended = False
+        self.committed = False
         self.thread = threading.get_ident()
         self._token: Token | None = None
         self.stats: timing.RequestStats | None = None
@@ -313,6 +395,11 @@ class _Exchange:
                     self.fail()
                 raise
         return _StreamedBody(result, self)
+
+    @property
+    def reached_client(self) -> bool:
+        """Whether the server has the status: the response can no longer be replaced."""
+        return self._server_write is not None
 
     # -- what the application sees ------------------------------------
 
@@ -430,8 +517,8 @@ class _Exchange:
         started = time.perf_counter()
         outcome = "failed to commit"
         try:
-            committed = end_transaction(self.registry, commit=commit)
-            outcome = "committed" if committed else "aborted"
+            self.committed = end_transaction(self.registry, commit=commit)
+            outcome = "committed" if self.committed else "aborted"
         finally:
             if self.stats is not None:
                 self.stats.commit_seconds = time.perf_counter() - started
@@ -582,6 +669,16 @@ class _StreamedBody:
 
 
 _UNKNOWN = object()
+
+
+def _replayable_body(environ: Environ, limit: int, in_memory: int) -> ReplayableInput | None:
+    """Put a :class:`ReplayableInput` in ``environ``, if the request has a body."""
+    length = environ.get("CONTENT_LENGTH")
+    if (not length or length == "0") and "HTTP_TRANSFER_ENCODING" not in environ:
+        return None
+    body = ReplayableInput(environ["wsgi.input"], limit=limit, in_memory=in_memory)
+    environ["wsgi.input"] = body
+    return body
 
 
 def _close(result: Iterable[bytes]) -> None:

@@ -768,8 +768,22 @@ def test_the_paste_filter_without_db_uri_says_what_to_add():
 # -- when the database goes away --------------------------------------------------------
 
 
-def test_requests_recover_after_the_server_drops_the_connection(pg, wrap):
+def test_a_request_that_finds_its_connection_dropped_reconnects_and_succeeds(pg, wrap):
     middleware = wrap(adding("before"))
+    call(middleware)
+    pg.run(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE application_name = '{pg.name}'"
+    )
+
+    response = call(middleware)  # finds the connection dead, and is run again
+
+    assert response.status == "200 OK"
+    assert pg.notes() == ["before", "before"]
+
+
+def test_without_retries_a_dropped_connection_fails_one_request_only(pg, wrap):
+    middleware = wrap(adding("before"), retry=None)
     call(middleware)
     pg.run(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -1,0 +1,122 @@
+"""How a registry's store joins the Zope transaction: Storm's data manager, completed.
+
+Storm's ``StoreDataManager`` (``storm.zope.zstorm``) commits and aborts a
+store with the transaction. This one adds what the transaction machinery and
+a retry policy need to know:
+
+* ``should_retry(error)``, so ``transaction.manager.attempts()`` and
+  ``run()`` retry the failures :func:`middlestorm.retry.classify` calls
+  transient, as zope.sqlalchemy's data manager does;
+* a COMMIT whose connection was lost, or that failed after another store of
+  the transaction had committed, raises :class:`CommitInDoubtError`: its
+  outcome is unknown, and the work must not be run again;
+* after a failed COMMIT the connection is left ready for the rollback that
+  follows, so it can be reused (Storm's SQLite connection forgets that
+  SQLite kept the transaction open, and its next BEGIN would fail).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+from storm.exceptions import DisconnectionError
+from storm.store import Store
+from storm.xid import Xid
+from storm.zope.zstorm import StoreDataManager as StormDataManager
+
+from middlestorm.errors import CommitInDoubtError, WrongThreadError
+from middlestorm.retry import Verdict, classify
+
+if TYPE_CHECKING:
+    from middlestorm.stores import StoreRegistry
+
+__all__ = ["StoreDataManager", "hook", "unhook"]
+
+#: The key, in a transaction's ``extension``, of how many stores have committed.
+_COMMITTED = "middlestorm.committed_stores"
+
+
+def hook(store: Store, registry: StoreRegistry) -> None:
+    """Have ``store`` join the registry's current transaction when it is next used."""
+    store._event.hook("register-transaction", _join, weakref.ref(registry))
+
+
+def unhook(store: Store, registry: StoreRegistry) -> None:
+    """Undo :func:`hook`."""
+    store._event.unhook("register-transaction", _join, weakref.ref(registry))
+
+
+def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
+    """Join the store to the transaction (Storm's ``register_store_with_transaction``)."""
+    registry = registry_ref()
+    if registry is None:
+        return False
+    if id(store) not in registry._stores:  # the registry's stores of the calling thread
+        raise WrongThreadError(
+            f"a store of {registry!r} was used from thread {threading.get_ident()}, which it "
+            "does not belong to; Storm stores are not thread-safe: get the store in the "
+            "thread that uses it (environ, middlestorm.current_store or StoreRegistry.get())"
+        )
+    txn = registry.transaction_manager.get()
+    if store._tpc:
+        global_id = registry._txn_ids.get(txn)
+        if global_id is None:
+            global_id = registry._txn_ids[txn] = f"_storm_{uuid4()}"
+        store.begin(Xid(0, global_id, registry.get_name(store)))
+    txn.join(StoreDataManager(store, registry))
+    return False  # joined once per transaction: hooked again when it ends
+
+
+class StoreDataManager(StormDataManager):
+    """Storm's data manager for one store in one transaction, with retry and in-doubt errors."""
+
+    def abort(self, txn: Any) -> None:
+        try:
+            self._store.rollback()
+        finally:
+            self._hook_register_transaction_event()
+
+    def _hook_register_transaction_event(self) -> None:
+        if self._store._register_for_txn:
+            hook(self._store, self._zstorm)
+
+    def tpc_finish(self, txn: Any) -> None:
+        committed_before = txn.extension.get(_COMMITTED, 0)
+        try:
+            self._store.commit()
+        except DisconnectionError as error:
+            raise CommitInDoubtError(
+                "the connection was lost during the COMMIT: the database may or may not "
+                "have committed this transaction, so it is not run again"
+            ) from error
+        except Exception as error:
+            _keep_sqlite_transaction(self._store)
+            if committed_before:
+                raise CommitInDoubtError(
+                    f"a COMMIT failed after {committed_before} other store(s) of the same "
+                    "transaction had committed: their changes stay committed"
+                ) from error
+            raise
+        txn.extension[_COMMITTED] = committed_before + 1
+        self._hook_register_transaction_event()
+
+    def should_retry(self, error: BaseException) -> bool:
+        """Whether ``error`` ended an attempt that may be run again (``transaction``'s API)."""
+        return classify(error) is Verdict.TRANSIENT
+
+
+def _keep_sqlite_transaction(store: Store) -> None:
+    """After a failed COMMIT, let Storm's SQLite connection know SQLite is still in a transaction.
+
+    Storm marks the transaction ended before it sends COMMIT and, unless the
+    database was locked, leaves it so when the COMMIT fails; SQLite keeps the
+    transaction open (a deferred foreign key, say), so Storm's rollback would
+    send nothing and its next BEGIN would fail.
+    """
+    connection = store._connection
+    raw = getattr(connection, "_raw_connection", None)
+    if hasattr(connection, "_in_transaction") and getattr(raw, "in_transaction", False):
+        connection._in_transaction = True

@@ -1,0 +1,117 @@
+"""A unit of work: begin, run, classify the failure, retry or end.
+
+The same loop serves a WSGI request (:mod:`middlestorm.wsgi` adds what is
+HTTP's: replaying the body, knowing what the client has seen, status codes)
+and work outside one (:func:`run_in_transaction`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from middlestorm.lifecycle import abort_quietly, end_transaction
+from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify
+
+if TYPE_CHECKING:
+    from middlestorm.stores import StoreRegistry
+
+__all__ = ["Attempt", "Next", "attempts", "run_in_transaction"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Next(enum.Enum):
+    """What follows a failed attempt."""
+
+    #: Run the work again (after the wait the policy chose).
+    RETRY = "retry"
+    #: The failure was transient, but the policy has no attempt or time left.
+    EXHAUSTED = "exhausted"
+    #: The COMMIT's outcome is unknown: never run again.
+    IN_DOUBT = "in doubt"
+    #: Another attempt would fail the same way.
+    GIVE_UP = "give up"
+
+
+@dataclass
+class Attempt:
+    """One run of a unit of work, numbered from 1."""
+
+    number: int
+    policy: RetryPolicy
+    started: float = field(default_factory=time.monotonic)
+
+    def failed(self, error: BaseException, what: str = "unit of work") -> Next:
+        """Decide what follows ``error``, logging it; waits first when the answer is RETRY."""
+        verdict = classify(error)
+        if verdict is Verdict.IN_DOUBT:
+            log.error("the %s's COMMIT is in doubt, so it is not run again: %s", what, error)
+            return Next.IN_DOUBT
+        if verdict is Verdict.PERMANENT:
+            return Next.GIVE_UP
+        delay = self.policy.delay(self.number, time.monotonic() - self.started)
+        if delay is None:
+            log.warning(
+                "the %s failed on a transient error in attempt %d of %d, with no attempt "
+                "or time left: %s: %s",
+                what,
+                self.number,
+                self.policy.attempts,
+                type(error).__name__,
+                error,
+            )
+            return Next.EXHAUSTED
+        log.info(
+            "the %s failed on a transient error in attempt %d; running it again in %.0f ms: %s: %s",
+            what,
+            self.number,
+            delay * 1000,
+            type(error).__name__,
+            error,
+        )
+        time.sleep(delay)
+        return Next.RETRY
+
+
+def attempts(policy: RetryPolicy = DEFAULT_POLICY) -> Iterator[Attempt]:
+    """Attempts 1, 2, … up to the policy's number, all timed from the first."""
+    started = time.monotonic()
+    for number in range(1, policy.attempts + 1):
+        yield Attempt(number, policy, started)
+
+
+def run_in_transaction(
+    registry: StoreRegistry,
+    function: Callable[[], T],
+    *,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> T:
+    """Run ``function`` in a transaction of the registry's manager and commit it.
+
+    A transient failure (of ``function`` or of the commit) aborts and runs
+    it again, as the policy allows; any other failure aborts and is raised,
+    and so is the last transient one. ``function`` must be safe to run more
+    than once: it sees nothing of a failed attempt but what it kept itself.
+
+    :returns: what ``function`` returned in the attempt that committed.
+    """
+    manager = registry.transaction_manager
+    for attempt in attempts(policy):
+        manager.begin()
+        try:
+            result = function()
+            end_transaction(registry, commit=True)
+        except BaseException as error:
+            abort_quietly(manager)
+            if attempt.failed(error) is Next.RETRY:
+                continue
+            raise
+        return result
+    raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
