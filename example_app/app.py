@@ -9,7 +9,9 @@ Content-Type a 415; an id that is not a whole number from 1 to ``MAX_ID`` a
 Errors come as JSON, ``{"error": "..."}``, under ``/api/`` and to any client
 whose Accept header prefers ``application/json`` to ``text/html``; otherwise
 as HTML. That holds for the app's own errors (400, 404, 405, 413, 415) and
-for an unexpected one (500, its traceback logged, not sent).
+for an unexpected one (500, its traceback logged, not sent). A transient
+database failure (two edits of one note at once) is not an error of the app's:
+it propagates, and middlestorm runs the request again.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from werkzeug.wrappers import Request, Response
 from example_app import schema
 from example_app.models import MAX_LENGTH, Note, validate_body
 from middlestorm import MiddleStorm, current_store
+from middlestorm.retry import Verdict, classify
 
 #: The largest request body read, in bytes; a larger one is refused with 413.
 #: Far above what a note needs: 500 characters are at most 6 KB of JSON.
@@ -85,7 +88,9 @@ def notes_app(request: Request) -> Response:
         return response
     except HTTPException as error:
         return error_response(request, error)
-    except Exception:
+    except Exception as error:
+        if classify(error) is not Verdict.PERMANENT:
+            raise  # transient, or a commit in doubt: middlestorm runs the request again
         log.exception("%s %s failed", request.method, request.path)
         return error_response(request, InternalServerError())
 

@@ -52,7 +52,11 @@ class Attempt:
         """Decide what follows ``error``, logging it; waits first when the answer is RETRY."""
         verdict = classify(error)
         if verdict is Verdict.IN_DOUBT:
-            log.error("the %s's COMMIT is in doubt, so it is not run again: %s", what, error)
+            log.error(
+                "the %s's COMMIT is in doubt, so it is not run again: %s",
+                what,
+                str(error).strip(),
+            )
             return Next.IN_DOUBT
         if verdict is Verdict.PERMANENT:
             return Next.GIVE_UP
@@ -65,7 +69,7 @@ class Attempt:
                 self.number,
                 self.policy.attempts,
                 type(error).__name__,
-                error,
+                str(error).strip(),
             )
             return Next.EXHAUSTED
         log.info(
@@ -74,7 +78,7 @@ class Attempt:
             self.number,
             delay * 1000,
             type(error).__name__,
-            error,
+            str(error).strip(),
         )
         time.sleep(delay)
         return Next.RETRY

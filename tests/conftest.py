@@ -59,13 +59,17 @@ SCHEMA = {
         "CREATE TABLE note (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
         "CREATE TABLE tag (id INTEGER PRIMARY KEY, note_id INTEGER NOT NULL"
         " REFERENCES note (id) DEFERRABLE INITIALLY DEFERRED)",
+        "CREATE TABLE counter (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO counter VALUES (1, 0), (2, 0), (3, 0), (4, 0), (5, 0)",
     ],
     "postgres": [
         "SET lock_timeout = '10s'",
-        "DROP TABLE IF EXISTS tag, note",
+        "DROP TABLE IF EXISTS tag, note, counter",
         "CREATE TABLE note (id SERIAL PRIMARY KEY, body TEXT NOT NULL)",
         "CREATE TABLE tag (id SERIAL PRIMARY KEY, note_id INTEGER NOT NULL"
         " REFERENCES note (id) DEFERRABLE INITIALLY DEFERRED)",
+        "CREATE TABLE counter (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO counter VALUES (1, 0), (2, 0), (3, 0), (4, 0), (5, 0)",
     ],
 }
 
@@ -104,6 +108,10 @@ class Database:
             return cursor.fetchall()
         finally:
             connection.close()
+
+    def counters(self) -> list[int]:
+        """The committed values of the five counters, by id."""
+        return [row[0] for row in self.query("SELECT value FROM counter ORDER BY id")]
 
     def notes(self) -> list[str]:
         """The bodies of the committed notes, oldest first."""
@@ -153,7 +161,7 @@ def make_database(kind: str, tmp_path, *, tables: bool = True) -> Database:
     if tables:
         database.run(*SCHEMA[database.kind])
     elif kind == "postgres":
-        database.run("SET lock_timeout = '10s'", "DROP TABLE IF EXISTS tag, note, patch")
+        database.run("SET lock_timeout = '10s'", "DROP TABLE IF EXISTS tag, note, counter, patch")
     return database
 
 
@@ -175,9 +183,7 @@ def pg(tmp_path) -> Database:
     return make_database("postgres", tmp_path)
 
 
-@pytest.fixture
-def middleware(db):
-    """Make a MiddleStorm on the test database; this thread's stores are closed afterwards."""
+def _middlewares(db: Database) -> Iterator:
     made: list = []
 
     def make(app, **options):
@@ -190,6 +196,18 @@ def middleware(db):
     transaction.manager.abort()
     for each in made:
         each.registry.release()
+
+
+@pytest.fixture
+def middleware(db):
+    """Make a MiddleStorm on the test database; this thread's stores are closed afterwards."""
+    yield from _middlewares(db)
+
+
+@pytest.fixture
+def pg_middleware(pg):
+    """Make a MiddleStorm on the PostgreSQL test database; its stores are closed afterwards."""
+    yield from _middlewares(pg)
 
 
 def require_postgres() -> None:

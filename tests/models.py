@@ -21,3 +21,11 @@ class Tag:
 
     def __init__(self, note_id: int) -> None:
         self.note_id = note_id
+
+
+class Counter:
+    """A shared number that requests increment: they conflict under REPEATABLE READ."""
+
+    __storm_table__ = "counter"
+    id = Int(primary=True)
+    value = Int()

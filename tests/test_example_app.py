@@ -612,3 +612,49 @@ def test_processes_starting_together_create_the_schema_once(empty_db):
 
     assert [process.returncode for process in starting] == [0] * 4, errors
     assert empty_db.query("SELECT version FROM patch") == [(1,)]
+
+
+@pytest.mark.postgres
+def test_concurrent_edits_of_one_note_all_succeed_on_postgres(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import make_database
+
+    db = make_database("postgres", tmp_path, tables=False)
+    app = create_app(db.uri)
+    url = BufferedClient(app).post("/api/notes", json={"body": "draft"}).headers["Location"]
+
+    def edit(number: int) -> list[int]:
+        client = BufferedClient(app)
+        statuses = [
+            client.put(url, json={"body": f"edit {number}.{n}"}).status_code for n in range(10)
+        ]
+        app.registry.release()
+        return statuses
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = [status for each in pool.map(edit, range(6)) for status in each]
+    app.registry.release()
+
+    assert statuses == [200] * 60  # conflicting edits were run again, never a 500
+    assert db.notes()[0].startswith("edit ")
+
+
+def test_the_flask_app_lets_a_transient_failure_through_to_be_run_again(empty_db):
+    from transaction.interfaces import TransientError
+
+    app = create_flask_app(empty_db.uri)
+    attempts = []
+
+    def conflicting_once():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise TransientError("a conflict")
+        return {"attempts": len(attempts)}
+
+    app.add_url_rule("/conflict", view_func=conflicting_once)
+
+    response = app.test_client().get("/conflict")
+    app.wsgi_app.registry.release()
+
+    assert (response.status_code, response.json) == (200, {"attempts": 2})
