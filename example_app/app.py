@@ -72,9 +72,10 @@ def paste_app_factory(global_conf: dict[str, str], **local_conf: str) -> Callabl
 
 
 class NotesRequest(Request):
-    #: werkzeug refuses a larger Content-Length (413) when the body is first
-    #: read, and stops reading a chunked body at this size.
-    max_content_length = MAX_BODY_BYTES
+    #: werkzeug stops reading a chunked body at this size: one byte past the
+    #: limit tells a body over it from one of exactly the limit. (notes_app
+    #: refuses a Content-Length over the limit itself.)
+    max_content_length = MAX_BODY_BYTES + 1
 
 
 @NotesRequest.application
@@ -210,9 +211,9 @@ def body_too_large() -> RequestEntityTooLarge:
 def read_body(request: Request) -> bytes:
     """The request body, of at most ``MAX_BODY_BYTES``; 413 for a larger one."""
     data = request.get_data()  # a larger Content-Length was refused in notes_app
-    if request.content_length is None and len(data) >= MAX_BODY_BYTES:
-        # werkzeug stops reading a chunked body at the limit, silently: one
-        # that reaches it may go on, and is refused unread.
+    if len(data) > MAX_BODY_BYTES:
+        # werkzeug stops reading a chunked body one byte past the limit,
+        # silently: one that got that far is refused unread.
         raise body_too_large()
     return data
 

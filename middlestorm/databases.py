@@ -23,7 +23,7 @@ DatabaseSpec: TypeAlias = "Database | str"
 #: everything up to the last ``@`` is taken for it. A URI with a raw ``@``
 #: after its host (an ``application_name=a@b`` option, say) shows less than
 #: it could, never more.
-_USERINFO_PASSWORD = re.compile(r"(//[^/?#:]*:).*@", re.DOTALL)
+_USERINFO_PASSWORD = re.compile(r"(//[^@:]*:).*@", re.DOTALL)
 #: One ``key=value`` option and any ``&piece`` without ``=`` after it (which
 #: cannot be an option, so belongs to the value).
 _OPTION = re.compile(r"([?&])([^&=]*)=([^&]*(?:&[^&=]*(?=&|\Z))*)", re.DOTALL)
@@ -32,8 +32,8 @@ _HIGH_ESCAPES = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f])+")
 _BUILTIN_SCHEMES = ("sqlite", "postgres", "mysql")
 _DRIVER_EXTRAS = {"postgres": "postgres", "mysql": "mysql"}
 _PERCENT_ENCODE = (
-    "percent-encode them, e.g. with urllib.parse.quote(password, safe='') "
-    "('@' is %40, ':' %3A, '/' %2F, '?' %3F, '%' %25)"
+    "percent-encode those characters: '@' is %40, ':' %3A, '/' %2F, '?' %3F, "
+    "'#' %23, '%' %25 (write non-ASCII characters as they are)"
 )
 #: What libpq takes for whitespace when it splits ``key=value`` settings.
 _LIBPQ_WHITESPACE = frozenset(" \t\n\v\f\r")
@@ -158,9 +158,9 @@ def _storm_misreading(spec: str) -> str | None:
         return None
     authority, _, path = rest[2:].partition("?")[0].partition("/")
     userinfo = authority.rpartition("@")[0]
-    if authority.count("@") > 1 or userinfo.count(":") > 1 or (":" in authority and "@" in path):
+    if authority.count("@") > 1 or userinfo.count(":") > 1 or "@" in path or "#" in userinfo:
         return (
-            "its user name or password holds '@', ':' or '/', which Storm takes for the "
+            "its user name or password holds '@', ':', '/' or '#', which Storm takes for the "
             f"end of it; {_PERCENT_ENCODE} (a '@' in the database name is %40 too)"
         )
     return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import threading
 import time
@@ -34,7 +35,7 @@ from transaction.interfaces import ITransactionManager
 
 from middlestorm import context, timing
 from middlestorm.databases import DatabaseSpec
-from middlestorm.errors import ConfigurationError
+from middlestorm.errors import ConfigurationError, WrongThreadError
 from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import CommitVeto, abort_quietly, default_commit_veto, end_transaction
 from middlestorm.replay import ReplayableInput
@@ -179,7 +180,7 @@ class MiddleStorm:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         stores = self._thread_stores()
         manager = self.registry.transaction_manager
-        enclosing: tuple[ITransactionManager, ...] | None = environ.get(OPEN_MANAGERS_KEY)
+        enclosing = _still_open(environ.get(OPEN_MANAGERS_KEY))
         if enclosing is None:  # the outermost MiddleStorm: nothing to restore afterwards
             environ[self.key] = stores.default
             environ[self.stores_key] = stores
@@ -321,6 +322,33 @@ class _ScopedBody:
 _open = threading.local()
 
 
+def _still_open(
+    managers: tuple[ITransactionManager, ...] | None,
+) -> tuple[ITransactionManager, ...] | None:
+    """The managers in ``environ`` whose request transaction is still open in this thread.
+
+    An environ called with again (a retry or cascade middleware of the
+    server's) still names the managers of a request that has ended.
+    """
+    if managers is None:
+        return None
+    exchanges = _open_exchanges()
+    live = tuple(
+        manager
+        for manager in managers
+        if (exchange := exchanges.get(id(manager))) is not None and not exchange.ended
+    )
+    return live or None
+
+
+def _forget_parent_exchanges() -> None:
+    """In a forked child: the parent's requests are the parent's to end."""
+    _open.__dict__.pop("exchanges", None)
+
+
+os.register_at_fork(after_in_child=_forget_parent_exchanges)
+
+
 def _open_exchanges() -> dict[int, _Exchange]:
     try:
         return _open.exchanges
@@ -357,6 +385,10 @@ class _Exchange:
         self.broken = False
         self.ended = False
         self.committed = False
+        #: Bytes sent through write(), before the returned body.
+        self.written = 0
+        #: The server closed the body from a thread other than the request's.
+        self.closed_elsewhere = False
         self.thread = threading.get_ident()
         self._token: Token | None = None
         self.stats: timing.RequestStats | None = None
@@ -365,9 +397,11 @@ class _Exchange:
         middleware = self.middleware
         manager = self.registry.transaction_manager
         exchanges = _open_exchanges()
-        unclosed = exchanges.get(id(manager))
-        if unclosed is not None:
-            unclosed.abandon()
+        # A request's thread is free again: whatever it left open (on any manager,
+        # inner middlewares' too) the server never closed.
+        for unclosed in list(exchanges.values()) if self._bind else [exchanges.get(id(manager))]:
+            if unclosed is not None:
+                unclosed.abandon()
         manager.begin()
         exchanges[id(manager)] = self
         if self._bind:
@@ -423,6 +457,7 @@ class _Exchange:
             self._forward()
             assert self._server_write is not None
             self._server_write(data)
+            self.written += len(data)
         except BaseException:
             self.broken = True
             raise
@@ -466,19 +501,28 @@ class _Exchange:
         return result
 
     def _produce(self, result: Iterable[bytes]) -> list[bytes]:
-        """The body as a list; past ``buffer_limit``, a body HTTP does not send is dropped."""
+        """The body as a list, holding no more of it than the response can send.
+
+        A body HTTP does not send is dropped once past ``buffer_limit``; one
+        with a Content-Length is cut at that length, as servers cut it.
+        """
         if isinstance(result, list):
             return result
-        if not self.has_no_body():
+        no_body = self.has_no_body()
+        budget = self.middleware.buffer_limit if no_body else _content_length(self.headers)
+        if budget is None:  # a tuple: held already
             return list(result)
         body: list[bytes] = []
-        size, limit = 0, self.middleware.buffer_limit
+        size = 0
         for chunk in result:
-            size += len(chunk)
-            if size <= limit:
+            if size + len(chunk) <= budget:
                 body.append(chunk)
-            elif body:
-                body = []
+                size += len(chunk)
+            elif no_body:
+                body, size = [], budget
+            elif size < budget:
+                body.append(chunk[: budget - size])
+                size = budget
         return body
 
     def _forward(self) -> None:
@@ -513,7 +557,10 @@ class _Exchange:
             self.fail()
             raise
         if not self._owns_transaction():
-            return
+            raise WrongThreadError(
+                "the response ran out in a thread other than its request's, where its "
+                "transaction cannot be committed; it is rolled back in the request's thread"
+            )
         started = time.perf_counter()
         outcome = "failed to commit"
         try:
@@ -547,9 +594,10 @@ class _Exchange:
 
     def _owns_transaction(self) -> bool:
         """Mark the transaction ended; false if this thread may not end it."""
-        self.ended = True
         if threading.get_ident() == self.thread:
+            self.ended = True
             return True
+        self.closed_elsewhere = True
         log.warning(
             "a response was closed in thread %s, not in thread %s that handled the request; "
             "its transaction is left to that thread, which rolls it back when its next "
@@ -588,7 +636,8 @@ class _StreamedBody:
     server has the last bytes: a failed commit raises instead, so the server
     cuts the response short and the client never gets a complete response
     for changes that were rolled back. With a Content-Length, the chunk that
-    completes it is held until the body has run out and the commit is done.
+    completes it is held until the body has run out (what comes after it,
+    which no server sends, is dropped) and the commit is done.
     ``close()`` before the end (the client left) aborts.
     """
 
@@ -598,31 +647,28 @@ class _StreamedBody:
         self._exchange = exchange
         #: Bytes of the declared Content-Length still to come; None if none was declared.
         self._remaining: int | object | None = _UNKNOWN
-        self._pending: bytes | None = None
         self._app_closed = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
-        if self._pending is not None:
-            chunk, self._pending = self._pending, None
-            return chunk
         exchange = self._exchange
-        if exchange.ended:
+        if exchange.ended or exchange.closed_elsewhere:
             raise StopIteration
         try:
             if self._iterator is None:
                 self._iterator = iter(self._result)
             chunk = next(self._iterator)
             if self._remaining is _UNKNOWN:  # the status may come with the first chunk
-                self._remaining = _content_length(exchange.headers)
+                length = _content_length(exchange.headers)
+                self._remaining = None if length is None else length - exchange.written
             if isinstance(self._remaining, int):
                 self._remaining -= len(chunk)
                 if self._remaining <= 0:  # the client has it all once this goes out
-                    self._pending = next(self._iterator, None)
-                    if self._pending is None:
-                        self._finish()
+                    for _beyond in self._iterator:  # a server sends nothing past it
+                        pass
+                    self._finish()
             return chunk
         except StopIteration:
             self._finish()
@@ -697,9 +743,10 @@ def _content_length(headers: Headers) -> int | None:
     for name, value in headers:
         if name.lower() == "content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
                 return None
+            return length if length >= 0 else None
     return None
 
 

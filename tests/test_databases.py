@@ -315,3 +315,20 @@ def test_a_storm_database_libpq_would_misread_is_refused():
 
     with pytest.raises(ConfigurationError, match="the password .*whitespace"):
         StoreRegistry({"main": database})
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"postgres://app#ops:{SECRET}@db.example/app",
+        f"postgres://app?ops:{SECRET}@db.example/app",
+        f"postgres://app/ops:{SECRET}@db.example/app",
+    ],
+    ids=["#", "?", "/"],
+)
+def test_a_user_name_holding_a_delimiter_never_shows_the_password(uri):
+    assert SECRET not in redact_uri(uri)
+    with pytest.raises(ConfigurationError) as caught:
+        StoreRegistry({"main": uri})
+
+    assert SECRET not in "".join(traceback.format_exception(caught.value))

@@ -658,3 +658,20 @@ def test_the_flask_app_lets_a_transient_failure_through_to_be_run_again(empty_db
     app.wsgi_app.registry.release()
 
     assert (response.status_code, response.json) == (200, {"attempts": 2})
+
+
+def test_a_chunked_body_of_exactly_the_limit_is_read(client, empty_db):
+    body = b'{"body": "' + b"x" * (MAX_BODY_BYTES - 12) + b'"}'
+    assert len(body) == MAX_BODY_BYTES
+    environ = EnvironBuilder("/api/notes", method="POST", content_type="application/json")
+    environ = environ.get_environ()
+    environ.pop("CONTENT_LENGTH", None)  # as servers present a chunked body
+    environ.update(
+        {"wsgi.input": io.BytesIO(body), "HTTP_TRANSFER_ENCODING": "chunked"},
+        **{"wsgi.input_terminated": True},
+    )
+
+    response = client.open(Request(environ))
+
+    assert response.status_code == 400  # read and judged on its content: too long a note
+    assert "at most 500 characters" in response.json["error"]

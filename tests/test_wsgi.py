@@ -655,6 +655,34 @@ def test_a_head_response_never_holds_more_than_the_buffer_limit(db, wrap):
     assert response.data == b""
 
 
+def test_a_body_longer_than_its_content_length_is_held_only_up_to_it(db, wrap):
+    alive_at_most = []
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "10")])
+
+        def body():
+            for _ in range(100):
+                alive_at_most.append(Chunk.alive)
+                yield Chunk(b"x" * 1024)
+
+        return body()
+
+    response = call(wrap(app))
+
+    assert response.data == b"x" * 10
+    assert max(alive_at_most) <= 2
+
+
+def test_a_negative_content_length_counts_as_none(db, wrap):
+    response = call(
+        wrap(streaming("streamed", headers=[("Content-Length", "-1")])), on_status=db.notes
+    )
+
+    assert response.seen_at_status == []  # streamed: the status went before the commit
+    assert db.notes() == ["streamed"]
+
+
 def test_the_servers_file_wrapper_reaches_the_server_as_that_object(db, wrap, tmp_path):
     from gunicorn.http.wsgi import FileWrapper
 

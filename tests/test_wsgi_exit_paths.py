@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
+import os
 import threading
 import urllib.parse
 
@@ -311,7 +313,12 @@ def test_an_unsized_streamed_body_is_committed_before_the_server_learns_it_ended
     assert db.notes() == ["one", "two"]
 
 
-def test_a_sized_body_whose_commit_fails_never_hands_over_its_last_chunk(db, middleware, ends):
+@pytest.mark.parametrize(
+    "after", [[], [b""], [b"beyond the length"]], ids=["end", "empty", "extra"]
+)
+def test_a_sized_body_whose_commit_fails_never_hands_over_its_last_chunk(
+    db, middleware, ends, after
+):
     def app(environ, start_response):
         start_response("200 OK", [("Content-Length", "6")])
 
@@ -319,6 +326,7 @@ def test_a_sized_body_whose_commit_fails_never_hands_over_its_last_chunk(db, mid
             environ["storm.store"].add(Tag(note_id=999_999))
             yield b"abc"
             yield b"def"
+            yield from after
 
         return body()
 
@@ -392,3 +400,132 @@ def test_waitress_refusing_a_streamed_header_leaves_no_transaction_open(db, tmp_
     assert "hop-by-hop" in server.output
     assert db_after == ([], 0)
     assert next_one == (200, b"".join(CHUNKS), True)
+
+
+def test_bytes_sent_by_write_count_toward_the_content_length(db, middleware, ends):
+    def app(environ, start_response):
+        write = start_response("200 OK", [("Content-Length", "12")])
+        environ["storm.store"].add(Tag(note_id=999_999))
+        write(b"hello ")
+        return iter([b"world!"])
+
+    _, body = start(middleware(app, buffer_limit=2))
+
+    with pytest.raises(IntegrityError):
+        next(iter(body))  # "world!" would complete the response: the commit comes first
+    assert ends == ["commit failed"]
+
+
+def test_a_body_that_runs_out_in_another_thread_is_cut_short_not_left_uncommitted(db, middleware):
+    from middlestorm import WrongThreadError
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("saved?"))
+        start_response("200 OK", [])
+        return iter([b"saved?"])  # a body that needs no store: a server may run it anywhere
+
+    _, body = start(middleware(app))
+    outcome: list = []
+
+    def serve_elsewhere() -> None:
+        try:
+            outcome.append(list(body))
+        except Exception as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=serve_elsewhere)
+    worker.start()
+    worker.join(30)
+
+    assert isinstance(outcome[0], WrongThreadError)
+    call(middleware(streaming("next")))  # the request's thread moves on: rolled back
+    assert db.notes() == ["next"]
+
+
+def test_an_explicit_manager_serves_on_after_a_body_closed_from_another_thread(db):
+    manager = transaction.ThreadTransactionManager()
+    manager.explicit = True
+    app = MiddleStorm(streaming("one", "two"), db.uri, transaction_manager=manager)
+    _, body = start(app)
+    assert next(iter(body)) == b"one"
+    closer = threading.Thread(target=body.close)
+    closer.start()
+    closer.join(30)
+
+    try:
+        response = call(app, "/next")
+    finally:
+        app.registry.release()
+
+    assert response.status == "200 OK"
+    assert db.notes() == ["one", "two"]
+
+
+def test_an_inner_middlewares_unclosed_stream_is_rolled_back_with_the_outer_one(pg, tmp_path):
+    other_manager = transaction.ThreadTransactionManager()
+    inner = MiddleStorm(streaming("inner", "more"), pg.uri, transaction_manager=other_manager)
+
+    def routes(environ, start_response):
+        if environ["PATH_INFO"] == "/reports":
+            return inner(environ, start_response)
+        start_response("200 OK", [])
+        return [b"elsewhere"]
+
+    outer = MiddleStorm(routes, pg.uri)
+    _, body = start(outer, "/reports")
+    assert next(iter(body)) == b"inner"  # the server never closes it
+
+    call(outer, "/elsewhere")  # the thread's next request never reaches the inner app
+
+    assert pg.idle_in_transaction() == 0
+    assert pg.notes() == []
+    inner.registry.release()
+    outer.registry.release()
+
+
+def test_an_environ_called_with_again_after_its_request_ended_gets_its_own_transaction(
+    db, middleware
+):
+    from werkzeug.test import EnvironBuilder
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note(f"call {environ['middlestorm.attempt']}"))
+        start_response("201 Created", [])
+        return [b"saved"]
+
+    wrapped = middleware(app)
+    environ = EnvironBuilder().get_environ()
+    for _ in range(2):  # a retry or cascade middleware in front calls again with it
+        assert b"".join(wrapped(environ, lambda *args: None)) == b"saved"
+
+    assert db.notes() == ["call 1", "call 1"]
+    assert transaction.manager.get()._resources == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_does_not_take_its_parents_open_response_for_its_own(db, middleware):
+    app = middleware(streaming("parent", "streaming"))
+    _, body = start(app, "/parent")
+    assert next(iter(body)) == b"parent"
+    read_end, write_end = os.pipe()
+
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            records: list[str] = []
+            handler = logging.Handler()
+            handler.emit = lambda record: records.append(record.getMessage())
+            logging.getLogger("middlestorm").addHandler(handler)
+            call(app, "/child")
+            os.write(write_end, "\n".join(records).encode() or b"-")
+        finally:
+            os._exit(0)
+
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        logged = pipe.read()
+    os.waitpid(child, 0)
+    body.close()
+
+    assert "never closed" not in logged
