@@ -18,6 +18,7 @@ from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import default_commit_veto, end_transaction
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
+from middlestorm.timeouts import Timeouts
 from middlestorm.work import run_in_transaction
 from middlestorm.wsgi import MiddleStorm, decorator, make_middleware
 
@@ -34,6 +35,7 @@ __all__ = [
     "RetryPolicy",
     "StoreRegistry",
     "ThreadStores",
+    "Timeouts",
     "UnknownStoreError",
     "WrongThreadError",
     "current_registry",

@@ -27,6 +27,7 @@ from storm.store import Store
 from storm.xid import Xid
 from storm.zope.zstorm import StoreDataManager as StormDataManager
 
+from middlestorm import timeouts
 from middlestorm.errors import CommitInDoubtError, WrongThreadError
 from middlestorm.retry import Verdict, classify
 
@@ -67,6 +68,7 @@ def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
             global_id = registry._txn_ids[txn] = f"_storm_{uuid4()}"
         store.begin(Xid(0, global_id, registry.get_name(store)))
     txn.join(StoreDataManager(store, registry))
+    timeouts.apply(store)
     return False  # joined once per transaction: hooked again when it ends
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from middlestorm import timeouts as limits
 from middlestorm.lifecycle import abort_quietly, end_transaction
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify
 
@@ -96,6 +97,7 @@ def run_in_transaction(
     function: Callable[[], T],
     *,
     policy: RetryPolicy = DEFAULT_POLICY,
+    timeouts: limits.Timeouts | None = None,
 ) -> T:
     """Run ``function`` in a transaction of the registry's manager and commit it.
 
@@ -104,11 +106,13 @@ def run_in_transaction(
     and so is the last transient one. ``function`` must be safe to run more
     than once: it sees nothing of a failed attempt but what it kept itself.
 
+    :param timeouts: limits PostgreSQL enforces on each attempt's transaction.
     :returns: what ``function`` returned in the attempt that committed.
     """
     manager = registry.transaction_manager
     for attempt in attempts(policy):
         manager.begin()
+        token = limits.bind(timeouts)
         try:
             result = function()
             end_transaction(registry, commit=True)
@@ -117,5 +121,7 @@ def run_in_transaction(
             if attempt.failed(error) is Next.RETRY:
                 continue
             raise
+        finally:
+            limits.unbind(token)
         return result
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover

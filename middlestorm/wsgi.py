@@ -33,14 +33,15 @@ from typing import Any
 
 from transaction.interfaces import ITransactionManager
 
-from middlestorm import context, timing
+from middlestorm import context, timeouts, timing
 from middlestorm.databases import DatabaseSpec
 from middlestorm.errors import ConfigurationError, WrongThreadError
 from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import CommitVeto, abort_quietly, default_commit_veto, end_transaction
 from middlestorm.replay import ReplayableInput
-from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
+from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, sqlstate
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
+from middlestorm.timeouts import Timeouts
 from middlestorm.work import Next, attempts
 
 __all__ = ["MiddleStorm", "decorator", "make_middleware"]
@@ -65,6 +66,9 @@ DEFAULT_REPLAY_IN_MEMORY = 256 * 1024
 
 #: The ``environ`` key of the attempt being run: 1, then 2, … on a retry.
 ATTEMPT_KEY = "middlestorm.attempt"
+#: The ``environ`` key an outer layer (routing, say) may set to a
+#: :class:`~middlestorm.timeouts.Timeouts` for this request alone.
+TIMEOUTS_KEY = "middlestorm.timeouts"
 #: The ``environ`` key naming the transaction manager of the innermost
 #: MiddleStorm handling the request.
 MANAGER_KEY = "middlestorm.transaction_manager"
@@ -108,6 +112,12 @@ class MiddleStorm:
         longer body's request is not run again.
     :param replay_in_memory: how much of a kept body stays in memory; the
         rest goes to a temporary file.
+    :param timeouts: limits PostgreSQL enforces on each request's
+        transaction (:class:`~middlestorm.timeouts.Timeouts`: ``statement``,
+        ``idle_in_transaction``, in seconds); none by default. A request may
+        change them (``environ["middlestorm.timeouts"]``, or
+        ``middlestorm.timeouts.override()`` in the app); a statement cancelled
+        at its limit is answered 503.
     """
 
     def __init__(
@@ -125,6 +135,7 @@ class MiddleStorm:
         retry: RetryPolicy | None = DEFAULT_POLICY,
         replay_limit: int = DEFAULT_REPLAY_LIMIT,
         replay_in_memory: int = DEFAULT_REPLAY_IN_MEMORY,
+        timeouts: Timeouts | None = None,
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be a WSGI application (a callable), not {app!r}")
@@ -158,6 +169,11 @@ class MiddleStorm:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigurationError(f"{option} must be a whole number >= 0, not {value!r}")
+        if timeouts is not None and not isinstance(timeouts, Timeouts):
+            raise TypeError(
+                "timeouts must be a middlestorm.Timeouts (Timeouts(statement=5), say) "
+                f"or None, not {timeouts!r}"
+            )
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(
                 "retry must be a middlestorm.RetryPolicy (RetryPolicy(attempts=5), say) "
@@ -172,6 +188,7 @@ class MiddleStorm:
         self.retry = retry if retry is not None else RetryPolicy(attempts=1)
         self.replay_limit = replay_limit
         self.replay_in_memory = replay_in_memory
+        self.timeouts = timeouts
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -186,10 +203,7 @@ class MiddleStorm:
             environ[self.stores_key] = stores
             environ[MANAGER_KEY] = manager
             environ[OPEN_MANAGERS_KEY] = (manager,)
-            if self.retry.attempts == 1:
-                environ[ATTEMPT_KEY] = 1
-                return _Exchange(self, stores, environ, start_response, bind=True).run()
-            return self._with_retries(environ, start_response, stores)
+            return self._serve(environ, start_response, stores)
         joins = manager in enclosing
         scope = _Scope(
             environ,
@@ -208,12 +222,16 @@ class MiddleStorm:
                 result = _Exchange(self, stores, environ, start_response, bind=False).run()
         return scope.around(result)
 
-    def _with_retries(
+    def _serve(
         self, environ: Environ, start_response: StartResponse, stores: ThreadStores
     ) -> Iterable[bytes]:
         """Run the request, and again after a transient failure the client saw nothing of."""
-        body = _replayable_body(environ, self.replay_limit, self.replay_in_memory)
-        original = environ.copy()  # each attempt starts from the environ the server gave
+        retries = self.retry.attempts > 1
+        body = None
+        original = environ
+        if retries:
+            body = _replayable_body(environ, self.replay_limit, self.replay_in_memory)
+            original = environ.copy()  # each attempt starts from the environ the server gave
         for attempt in attempts(self.retry):
             if attempt.number > 1:
                 environ = original.copy()
@@ -223,6 +241,16 @@ class MiddleStorm:
                 return exchange.run()
             except BaseException as error:
                 if exchange.reached_client or exchange.committed:
+                    raise
+                if sqlstate(error) == timeouts.QUERY_CANCELED:
+                    log.warning(
+                        "%s %s was cancelled at its statement timeout: %s",
+                        environ.get("REQUEST_METHOD"),
+                        environ.get("PATH_INFO"),
+                        str(error).strip(),
+                    )
+                    return self._busy(start_response)
+                if not retries:
                     raise
                 if body is not None and not body.rewind():
                     log.info("not running the request again: its body is over replay_limit")
@@ -237,7 +265,7 @@ class MiddleStorm:
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     def _busy(self, start_response: StartResponse) -> list[bytes]:
-        """503 with Retry-After, for a request that kept failing transiently."""
+        """503 with Retry-After: the request kept failing transiently, or ran out of time."""
         retry_after = self.retry.retry_after
         body = f"The server is busy; try again in {retry_after} s.\n".encode()
         start_response(
@@ -391,6 +419,7 @@ class _Exchange:
         self.closed_elsewhere = False
         self.thread = threading.get_ident()
         self._token: Token | None = None
+        self._limits: Token | None = None
         self.stats: timing.RequestStats | None = None
 
     def run(self) -> Iterable[bytes]:
@@ -406,6 +435,7 @@ class _Exchange:
         exchanges[id(manager)] = self
         if self._bind:
             self._token = context.bind(self.stores)
+        self._limits = timeouts.bind(self.environ.get(TIMEOUTS_KEY, middleware.timeouts))
         if middleware.server_timing or timing.log.isEnabledFor(logging.DEBUG):
             self.stats = timing.start()
         try:
@@ -615,6 +645,9 @@ class _Exchange:
         if self._token is not None:
             context.unbind(self._token)
             self._token = None
+        if self._limits is not None:
+            timeouts.unbind(self._limits)
+            self._limits = None
         stats = self.stats
         if stats is not None and timing.stop(stats):
             timing.log.debug(
