@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -127,6 +128,25 @@ class Database:
             self.name,
         )[0][0]
 
+    @contextmanager
+    def dying_at_commit(self) -> Iterator[str]:
+        """Inside: a note with the body this yields ends its backend during the COMMIT.
+
+        A deferred trigger makes the server end the session while it commits,
+        so the client loses the connection with the COMMIT under way.
+        """
+        self.run(
+            "CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$",
+            "CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON note "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.body = 'die') "
+            "EXECUTE FUNCTION die()",
+        )
+        try:
+            yield "die"
+        finally:
+            self.run("DROP TRIGGER die_at_commit ON note", "DROP FUNCTION die()")
+
     def backends(self) -> int:
         """How many server connections this test's stores hold open."""
         assert self.kind == "postgres", "only PostgreSQL counts its connections"
@@ -163,6 +183,17 @@ def make_database(kind: str, tmp_path, *, tables: bool = True) -> Database:
     elif kind == "postgres":
         database.run("SET lock_timeout = '10s'", "DROP TABLE IF EXISTS tag, note, counter, patch")
     return database
+
+
+@pytest.fixture
+def registry(db):
+    """A StoreRegistry on the test database; this thread's stores are closed afterwards."""
+    from middlestorm import StoreRegistry
+
+    made = StoreRegistry({"main": db.uri})
+    yield made
+    transaction.abort()
+    made.release()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -17,14 +17,6 @@ from middlestorm import ConfigurationError, StoreRegistry, UnknownStoreError, Wr
 from tests.models import Note
 
 
-@pytest.fixture
-def registry(db):
-    made = StoreRegistry({"main": db.uri})
-    yield made
-    transaction.abort()
-    made.release()
-
-
 def in_thread(function):
     """Run ``function`` in a new thread; return what it returned or raised."""
     outcome = {}

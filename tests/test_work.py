@@ -20,14 +20,6 @@ from tests.models import Counter, Note, Tag
 FAST = RetryPolicy(attempts=3, backoff=0.001)
 
 
-@pytest.fixture
-def registry(db):
-    made = StoreRegistry({"main": db.uri})
-    yield made
-    transaction.abort()
-    made.release()
-
-
 def conflicting_increment(registry, db, runs: list[int]):
     """Increment counter 1; on the first run another client increments it meanwhile."""
 
@@ -135,27 +127,21 @@ def test_a_failed_sqlite_commit_leaves_a_connection_the_next_unit_of_work_can_us
 
 
 def test_a_connection_lost_during_the_commit_is_in_doubt_and_not_run_again(pg, caplog):
-    pg.run(
-        "CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$",
-        "CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON note "
-        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.body = 'die') "
-        "EXECUTE FUNCTION die()",
-    )
     registry = StoreRegistry({"main": pg.uri})
     runs: list[int] = []
 
-    def add_note() -> None:
-        runs.append(1)
-        registry.get().add(Note("die"))  # the backend ends itself during the COMMIT
+    with pg.dying_at_commit() as body:
 
-    try:
-        with caplog.at_level(logging.ERROR), pytest.raises(CommitInDoubtError):
-            run_in_transaction(registry, add_note, policy=FAST)
-    finally:
-        transaction.abort()
-        registry.release()
-        pg.run("DROP TRIGGER die_at_commit ON note", "DROP FUNCTION die()")
+        def add_note() -> None:
+            runs.append(1)
+            registry.get().add(Note(body))  # the backend ends itself during the COMMIT
+
+        try:
+            with caplog.at_level(logging.ERROR), pytest.raises(CommitInDoubtError):
+                run_in_transaction(registry, add_note, policy=FAST)
+        finally:
+            transaction.abort()
+            registry.release()
 
     assert runs == [1]
     assert "COMMIT is in doubt" in caplog.text

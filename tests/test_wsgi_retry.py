@@ -178,26 +178,18 @@ def test_a_committed_request_is_not_run_again_when_the_server_refuses_its_status
 
 
 def test_a_commit_in_doubt_is_not_run_again(pg, pg_middleware, caplog):
-    pg.run(
-        "CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$",
-        "CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON note "
-        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.body = 'die') "
-        "EXECUTE FUNCTION die()",
-    )
     attempts: list[int] = []
 
-    def app(environ, start_response):
-        attempts.append(environ["middlestorm.attempt"])
-        environ["storm.store"].add(Note("die"))  # the backend ends itself during the COMMIT
-        start_response("201 Created", [])
-        return [b"saved?"]
+    with pg.dying_at_commit() as body:
 
-    try:
+        def app(environ, start_response):
+            attempts.append(environ["middlestorm.attempt"])
+            environ["storm.store"].add(Note(body))  # the backend ends itself at COMMIT
+            start_response("201 Created", [])
+            return [b"saved?"]
+
         with pytest.raises(CommitInDoubtError):
             call(pg_middleware(app, retry=FAST))
-    finally:
-        pg.run("DROP TRIGGER die_at_commit ON note", "DROP FUNCTION die()")
 
     assert attempts == [1]
     assert "COMMIT is in doubt" in caplog.text
