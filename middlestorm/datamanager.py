@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import threading
 import weakref
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 from storm.exceptions import DisconnectionError
 from storm.store import Store
+from storm.tracer import install_tracer
 from storm.xid import Xid
 from storm.zope.zstorm import StoreDataManager as StormDataManager
 
-from middlestorm import timeouts
+from middlestorm import timeouts, work
 from middlestorm.errors import CommitInDoubtError, WrongThreadError
 from middlestorm.retry import Verdict, classify
 
@@ -38,6 +40,26 @@ __all__ = ["StoreDataManager", "hook", "unhook"]
 
 #: The key, in a transaction's ``extension``, of how many stores have committed.
 _COMMITTED = "middlestorm.committed_stores"
+#: True while a data manager commits its store: that commit is the transaction's own.
+_finishing: ContextVar[bool] = ContextVar("middlestorm.finishing", default=False)
+
+
+class _CommitTracer:
+    """A Storm tracer that tells the unit of work when an app commits a store itself."""
+
+    def connection_commit(self, connection: Any, xid: Any = None) -> None:
+        if not _finishing.get():
+            work.note_commit()
+
+    def connection_raw_execute_success(
+        self, connection: Any, raw_cursor: Any, statement: str, params: Any
+    ) -> None:
+        # Storm's SQLite connection commits with a COMMIT statement, not connection_commit.
+        if statement == "COMMIT" and not _finishing.get():
+            work.note_commit()
+
+
+install_tracer(_CommitTracer())
 
 
 def hook(store: Store, registry: StoreRegistry) -> None:
@@ -87,6 +109,7 @@ class StoreDataManager(StormDataManager):
 
     def tpc_finish(self, txn: Any) -> None:
         committed_before = txn.extension.get(_COMMITTED, 0)
+        token = _finishing.set(True)
         try:
             self._store.commit()
         except DisconnectionError as error:
@@ -101,8 +124,17 @@ class StoreDataManager(StormDataManager):
                     f"a COMMIT failed after {committed_before} other store(s) of the same "
                     "transaction had committed: their changes stay committed"
                 ) from error
+            foreign = [r for r in txn._resources if not isinstance(r, StoreDataManager)]
+            if foreign:
+                raise CommitInDoubtError(
+                    f"a COMMIT failed in a transaction with other data managers ({foreign!r}), "
+                    "which may have committed already"
+                ) from error
             raise
+        finally:
+            _finishing.reset(token)
         txn.extension[_COMMITTED] = committed_before + 1
+        work.note_commit()
         self._hook_register_transaction_event()
 
     def should_retry(self, error: BaseException) -> bool:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from transaction.interfaces import ITransactionManager
 
+from middlestorm.errors import CommitInDoubtError
+
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
 
@@ -53,10 +55,20 @@ def end_transaction(registry: StoreRegistry, *, commit: bool) -> bool:
     if not commit or manager.isDoomed():
         manager.abort()
         return False
+    txn = manager.get()
     try:
         manager.commit()
-    except BaseException:
+    except CommitInDoubtError:
         abort_quietly(manager)
+        raise
+    except BaseException as error:
+        committed = (txn.extension or {}).get("middlestorm.committed_stores")
+        abort_quietly(manager)
+        if committed:
+            raise CommitInDoubtError(
+                f"the commit failed after {committed} store(s) had committed: "
+                f"{type(error).__name__}: {str(error).strip()}"
+            ) from error
         raise
     return True
 

@@ -4,8 +4,7 @@ A unit of work that fails on a *transient* error -- one that says nothing
 about the work itself, only about its timing -- is aborted and run again from
 the start, in a fresh transaction:
 
-* ``transaction.interfaces.TransientError`` (and the errors a data manager's
-  ``should_retry`` accepts);
+* ``transaction.interfaces.TransientError``;
 * PostgreSQL's serialization failure (SQLSTATE 40001) and deadlock (40P01);
 * a connection the database dropped (Storm's ``DisconnectionError``) before
   the COMMIT was sent: nothing was committed, and Storm reconnects on the
@@ -62,9 +61,10 @@ def sqlstate(error: BaseException) -> str | None:
 
 def classify(error: BaseException) -> Verdict:
     """Whether ``error`` ended an attempt that may be run again."""
-    if isinstance(error, CommitInDoubtError):
+    causes = list(_chain(error))
+    if any(isinstance(cause, CommitInDoubtError) for cause in causes):
         return Verdict.IN_DOUBT
-    for cause in _chain(error):
+    for cause in causes:
         if isinstance(cause, (TransientError, DisconnectionError)):
             return Verdict.TRANSIENT
         if sqlstate(cause) in TRANSIENT_SQLSTATES:

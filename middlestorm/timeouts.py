@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 
 from storm.store import Store
 
-from middlestorm.errors import ConfigurationError
+from middlestorm.context import restore
+from middlestorm.errors import ConfigurationError, NoRequestError
 
 __all__ = ["QUERY_CANCELED", "Timeouts", "override"]
 
@@ -84,13 +85,11 @@ _budget: ContextVar[_Budget | None] = ContextVar("middlestorm.timeouts", default
 
 def bind(timeouts: Timeouts | None) -> Token[_Budget | None]:
     """Give the unit of work starting here ``timeouts``; undo with :func:`unbind`."""
-    return _budget.set(_Budget(timeouts) if timeouts else None)
+    return _budget.set(_Budget(timeouts or Timeouts()))
 
 
 def unbind(token: Token[_Budget | None]) -> None:
     """Undo :func:`bind`, even from a copy of the context that bound."""
-    from middlestorm.context import restore
-
     restore(_budget, token)
 
 
@@ -106,16 +105,18 @@ def override(*, statement: object = _KEEP, idle_in_transaction: object = _KEEP) 
         middlestorm.timeouts.override(statement=60)   # this report may take a minute
     """
     budget = _budget.get()
-    current = budget.timeouts if budget is not None else Timeouts()
+    if budget is None:
+        raise NoRequestError(
+            "timeouts.override() works inside a request (or run_in_transaction): "
+            "there is no unit of work here whose limits it could change"
+        )
+    current = budget.timeouts
     changes = {
         name: value
         for name, value in (("statement", statement), ("idle_in_transaction", idle_in_transaction))
         if value is not _KEEP
     }
     timeouts = replace(current, **changes)  # type: ignore[arg-type]
-    if budget is None:
-        _budget.set(_Budget(timeouts))
-        return
     budget.timeouts = timeouts
     for store in budget.applied:
         _send(store, timeouts.sql(reset_unset=True))
@@ -124,10 +125,11 @@ def override(*, statement: object = _KEEP, idle_in_transaction: object = _KEEP) 
 def apply(store: Store) -> None:
     """Send the current limits to ``store`` as it joins a transaction (PostgreSQL only)."""
     budget = _budget.get()
-    if budget is None or not budget.timeouts or not _is_postgres(store):
+    if budget is None or not _is_postgres(store):
         return
-    _send(store, budget.timeouts.sql())
-    budget.applied.append(store)
+    if budget.timeouts:
+        _send(store, budget.timeouts.sql())
+    budget.applied.append(store)  # so that override() can reach it
 
 
 def _send(store: Store, sql: str) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -21,11 +23,46 @@ from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
 
-__all__ = ["Attempt", "Next", "attempts", "run_in_transaction"]
+__all__ = ["Attempt", "Next", "Unit", "attempts", "note_commit", "run_in_transaction"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@dataclass
+class Unit:
+    """One run of a unit of work in one thread, and whether anything of it was committed.
+
+    Once something was, the run must not be repeated: whatever committed would
+    be done twice. Every COMMIT of a registry's store marks it: the request's
+    own, and an app's ``transaction.commit()`` or ``store.commit()`` in the
+    middle of it. (A transaction of other data managers only, committed by the
+    app, is not seen.)
+    """
+
+    thread: int = field(default_factory=threading.get_ident)
+    committed: bool = False
+
+
+_unit: ContextVar[Unit | None] = ContextVar("middlestorm.unit", default=None)
+
+
+def begin_unit() -> tuple[Unit, Token[Unit | None]]:
+    """Start recording a run of a unit of work in this context; undo with :func:`end_unit`."""
+    unit = Unit()
+    return unit, _unit.set(unit)
+
+
+def end_unit(token: Token[Unit | None]) -> None:
+    _unit.reset(token)
+
+
+def note_commit(status: bool = True) -> None:
+    """Record that something of the unit of work under way has been committed."""
+    unit = _unit.get()
+    if status and unit is not None:
+        unit.committed = True
 
 
 class Next(enum.Enum):
@@ -108,20 +145,31 @@ def run_in_transaction(
 
     :param timeouts: limits PostgreSQL enforces on each attempt's transaction.
     :returns: what ``function`` returned in the attempt that committed.
+    :raises RuntimeError: inside a unit of work of the same thread (a request):
+        its ``begin()`` would end that unit's transaction.
     """
+    outer = _unit.get()
+    if outer is not None and outer.thread == threading.get_ident():
+        raise RuntimeError(
+            "run_in_transaction() was called inside a unit of work (a request) of the same "
+            "thread: beginning its transaction would end the request's; do the work in the "
+            "request's transaction, or in another thread"
+        )
     manager = registry.transaction_manager
     for attempt in attempts(policy):
         manager.begin()
+        unit, unit_token = begin_unit()
         token = limits.bind(timeouts)
         try:
             result = function()
             end_transaction(registry, commit=True)
         except BaseException as error:
             abort_quietly(manager)
-            if attempt.failed(error) is Next.RETRY:
+            if not unit.committed and attempt.failed(error) is Next.RETRY:
                 continue
             raise
         finally:
             limits.unbind(token)
+            end_unit(unit_token)
         return result
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover

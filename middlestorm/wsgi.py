@@ -39,10 +39,10 @@ from middlestorm.errors import ConfigurationError, WrongThreadError
 from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import CommitVeto, abort_quietly, default_commit_veto, end_transaction
 from middlestorm.replay import ReplayableInput
-from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, sqlstate
+from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify, sqlstate
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
 from middlestorm.timeouts import Timeouts
-from middlestorm.work import Next, attempts
+from middlestorm.work import Next, attempts, begin_unit, end_unit
 
 __all__ = ["MiddleStorm", "decorator", "make_middleware"]
 
@@ -237,34 +237,46 @@ class MiddleStorm:
                 environ = original.copy()
             environ[ATTEMPT_KEY] = attempt.number
             exchange = _Exchange(self, stores, environ, start_response, bind=True)
+            unit, unit_token = begin_unit()
             try:
                 return exchange.run()
             except BaseException as error:
-                if exchange.reached_client or exchange.committed:
+                if exchange.reached_client or exchange.committed or unit.committed:
                     raise
                 if sqlstate(error) == timeouts.QUERY_CANCELED:
                     log.warning(
-                        "%s %s was cancelled at its statement timeout: %s",
+                        "%s %s had a statement cancelled (SQLSTATE 57014, a statement "
+                        "timeout or a cancel request): %s",
                         environ.get("REQUEST_METHOD"),
                         environ.get("PATH_INFO"),
                         str(error).strip(),
                     )
-                    return self._busy(start_response)
+                    return self._busy(environ, start_response)
                 if not retries:
                     raise
                 if body is not None and not body.rewind():
-                    log.info("not running the request again: its body is over replay_limit")
-                    raise
+                    if classify(error) is not Verdict.TRANSIENT:
+                        raise
+                    log.warning(
+                        "%s %s failed on a transient error and is not run again: its body "
+                        "is over replay_limit: %s",
+                        environ.get("REQUEST_METHOD"),
+                        environ.get("PATH_INFO"),
+                        str(error).strip(),
+                    )
+                    return self._busy(environ, start_response)
                 what = f"request {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
                 next_step = attempt.failed(error, what)
                 if next_step is Next.RETRY:
                     continue
                 if next_step is Next.EXHAUSTED:
-                    return self._busy(start_response)
+                    return self._busy(environ, start_response)
                 raise
+            finally:
+                end_unit(unit_token)
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
-    def _busy(self, start_response: StartResponse) -> list[bytes]:
+    def _busy(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
         """503 with Retry-After: the request kept failing transiently, or ran out of time."""
         retry_after = self.retry.retry_after
         body = f"The server is busy; try again in {retry_after} s.\n".encode()
@@ -276,7 +288,7 @@ class MiddleStorm:
                 ("Retry-After", str(retry_after)),
             ],
         )
-        return [body]
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def _thread_stores(self) -> ThreadStores:
         try:
@@ -753,7 +765,11 @@ _UNKNOWN = object()
 def _replayable_body(environ: Environ, limit: int, in_memory: int) -> ReplayableInput | None:
     """Put a :class:`ReplayableInput` in ``environ``, if the request has a body."""
     length = environ.get("CONTENT_LENGTH")
-    if (not length or length == "0") and "HTTP_TRANSFER_ENCODING" not in environ:
+    if (
+        (not length or length == "0")
+        and "HTTP_TRANSFER_ENCODING" not in environ
+        and not environ.get("wsgi.input_terminated")
+    ):
         return None
     body = ReplayableInput(environ["wsgi.input"], limit=limit, in_memory=in_memory)
     environ["wsgi.input"] = body

@@ -159,3 +159,13 @@ def test_no_wait_is_given_after_the_last_attempt_or_past_the_deadline():
 def test_a_bad_policy_is_refused_with_a_message_naming_the_setting(options, message):
     with pytest.raises(ConfigurationError, match=message):
         RetryPolicy(**options)
+
+
+def test_a_commit_in_doubt_wrapped_in_another_error_is_still_in_doubt():
+    try:
+        try:
+            raise CommitInDoubtError("lost during COMMIT")
+        except CommitInDoubtError as cause:
+            raise RuntimeError("saving failed") from cause
+    except RuntimeError as error:
+        assert classify(error) is Verdict.IN_DOUBT

@@ -51,7 +51,7 @@ def test_a_statement_over_its_limit_is_cancelled_and_answered_503(pg_middleware,
     assert response.status == "503 Service Unavailable"
     assert "Retry-After" in dict(response.headers)
     assert took < 10  # cancelled, not waited out
-    assert "cancelled at its statement timeout" in caplog.text
+    assert "had a statement cancelled (SQLSTATE 57014" in caplog.text
 
 
 def test_the_thread_serves_the_next_request_on_the_same_connection_after_a_cancel(
@@ -277,3 +277,23 @@ def test_limits_hold_per_transaction_behind_pgbouncer_in_transaction_pooling(pgb
     assert results["limited"] == "503 Service Unavailable"
     assert all(results[f"other {n}"] == "200 OK" for n in range(4))
     assert seen.count("300ms") == 1 and seen.count("0") == 4  # no limit leaked to a server session
+
+
+def test_override_reaches_a_store_already_in_the_transaction_with_no_limits_configured(
+    pg_middleware,
+):
+    @Request.application
+    def report(request):
+        current_store.execute("SELECT 1")  # joined, with no limit
+        limits.override(statement=0.3)
+        current_store.execute("SELECT pg_sleep(30)")
+        return Response("never")
+
+    assert call(pg_middleware(report)).status == "503 Service Unavailable"
+
+
+def test_override_outside_a_request_is_refused():
+    from middlestorm import NoRequestError
+
+    with pytest.raises(NoRequestError, match="inside a request"):
+        limits.override(statement=5)

@@ -104,11 +104,19 @@ def test_a_request_whose_body_is_over_the_replay_limit_is_not_run_again(db, midd
     attempts: list[int] = []
     app = middleware(failing_first(attempts), retry=FAST, replay_limit=1024)
 
-    with pytest.raises(TransientError):
-        post(app, b"x" * 2048, "application/octet-stream")
+    status, headers, _ = post(app, b"x" * 2048, "application/octet-stream")
 
+    assert (status, "Retry-After" in headers) == ("503 Service Unavailable", True)
     assert attempts == [1]
     assert db.notes() == []
+
+
+def test_a_bug_in_a_request_over_the_replay_limit_is_raised_as_it_is(db, middleware):
+    attempts: list[int] = []
+    app = middleware(failing_first(attempts, ValueError("a bug")), retry=FAST, replay_limit=10)
+
+    with pytest.raises(ValueError, match="a bug"):
+        post(app, b"x" * 2048, "application/octet-stream")
 
 
 def test_a_request_out_of_attempts_gets_a_503_with_retry_after(db, middleware, caplog):
@@ -320,3 +328,162 @@ def test_a_streamed_input_without_content_length_is_replayed(db, middleware):
     list(result)
 
     assert seen == [b"chunked body", b"chunked body"]
+
+
+# -- never run again once something of it committed --------------------------------------
+
+
+def conflicting_after(commit_first, db):
+    """An app that commits something its own way, then meets a conflict once."""
+    attempts: list[int] = []
+
+    def app(environ, start_response):
+        attempts.append(environ["middlestorm.attempt"])
+        store = environ["storm.store"]
+        store.add(Note(f"paid, attempt {len(attempts)}"))
+        commit_first(store)
+        if len(attempts) == 1:
+            raise TransientError("a conflict after the payment was committed")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    return app, attempts
+
+
+@pytest.mark.parametrize(
+    "commit_first",
+    [lambda store: store.commit(), lambda store: transaction.commit()],
+    ids=["store.commit()", "transaction.commit()"],
+)
+def test_a_request_that_committed_part_of_its_work_is_not_run_again(db, middleware, commit_first):
+    app, attempts = conflicting_after(commit_first, db)
+
+    with pytest.raises(TransientError):
+        call(middleware(app, retry=FAST))
+
+    assert attempts == [1]
+    assert db.notes() == ["paid, attempt 1"]  # once, not twice
+
+
+def test_a_request_whose_inner_middleware_committed_is_not_run_again(db, middleware, tmp_path):
+    from tests.conftest import make_database
+
+    audit = make_database("sqlite", tmp_path / "audit")
+    own_manager = transaction.ThreadTransactionManager()
+    attempts: list[int] = []
+
+    def record(environ, start_response):
+        environ["storm.store"].add(Note(f"ordered, attempt {len(attempts)}"))
+        start_response("201 Created", [])
+        return [b""]
+
+    inner = MiddleStorm(record, audit.uri, transaction_manager=own_manager)
+
+    def outer(environ, start_response):
+        attempts.append(environ["middlestorm.attempt"])
+        b"".join(inner(environ, lambda *args: None))  # commits on its own manager
+        if len(attempts) == 1:
+            raise TransientError("the outer request conflicts afterwards")
+        start_response("200 OK", [])
+        return [b""]
+
+    try:
+        with pytest.raises(TransientError):
+            call(middleware(outer, retry=FAST))
+    finally:
+        inner.registry.release()
+
+    assert attempts == [1]
+    assert audit.notes() == ["ordered, attempt 1"]
+
+
+class CommitsAtVote:
+    """A data manager that commits its own write in tpc_vote, as zope.sqlalchemy does."""
+
+    def __init__(self, db, body: str) -> None:
+        self.db, self.body, self.transaction_manager = db, body, transaction.manager
+
+    def abort(self, txn) -> None:
+        pass
+
+    def tpc_begin(self, txn) -> None:
+        pass
+
+    def commit(self, txn) -> None:
+        pass
+
+    def tpc_vote(self, txn) -> None:
+        self.db.run(f"INSERT INTO note (body) VALUES ('{self.body}')")
+
+    def tpc_finish(self, txn) -> None:
+        pass
+
+    def tpc_abort(self, txn) -> None:
+        pass
+
+    def sortKey(self) -> str:
+        return "another data manager"
+
+
+def test_a_commit_failing_after_another_data_manager_committed_is_in_doubt(pg, pg_middleware):
+    from tests.models import Tag
+
+    attempts: list[int] = []
+
+    def app(environ, start_response):
+        attempts.append(environ["middlestorm.attempt"])
+        transaction.get().join(CommitsAtVote(pg, f"charged, attempt {len(attempts)}"))
+        environ["storm.store"].add(Tag(note_id=999_999))  # Storm's COMMIT fails
+        start_response("200 OK", [])
+        return [b""]
+
+    with pytest.raises(CommitInDoubtError, match="other data managers"):
+        call(pg_middleware(app, retry=FAST))
+
+    assert attempts == [1] and pg.notes() == ["charged, attempt 1"]
+
+
+def test_run_in_transaction_inside_a_request_is_refused(db, middleware):
+    from middlestorm import run_in_transaction
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("the request's own"))
+        registry = environ["middlestorm.stores"].registry
+        with pytest.raises(RuntimeError, match="inside a unit of work"):
+            run_in_transaction(registry, lambda: None)
+        start_response("200 OK", [])
+        return [b""]
+
+    call(middleware(app))
+
+    assert db.notes() == ["the request's own"]
+
+
+def test_a_body_the_server_terminates_is_replayed_without_a_length(db, middleware):
+    attempts: list[int] = []
+    environ = EnvironBuilder(method="POST").get_environ()
+    environ.pop("CONTENT_LENGTH", None)  # an HTTP/2 gateway's environ: no length, no header
+    environ["wsgi.input"] = io.BytesIO(b"the order")
+    environ["wsgi.input_terminated"] = True
+    seen: list[bytes] = []
+
+    def app(environ, start_response):
+        attempts.append(environ["middlestorm.attempt"])
+        seen.append(environ["wsgi.input"].read())
+        if len(attempts) == 1:
+            raise TransientError("a conflict")
+        start_response("200 OK", [])
+        return [b""]
+
+    list(middleware(app, retry=FAST)(environ, lambda *args: None))
+
+    assert seen == [b"the order", b"the order"]
+
+
+def test_a_head_request_out_of_attempts_gets_a_503_without_a_body(db, middleware):
+    def app(environ, start_response):
+        raise TransientError("always")
+
+    response = call(middleware(app, retry=FAST), method="HEAD")
+
+    assert response.status == "503 Service Unavailable" and response.data == b""
