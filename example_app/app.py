@@ -39,7 +39,8 @@ from werkzeug.wrappers import Request, Response
 from example_app import schema
 from example_app.models import MAX_LENGTH, Note, validate_body
 from middlestorm import MiddleStorm, current_store
-from middlestorm.retry import Verdict, classify
+from middlestorm.retry import RetryPolicy, Verdict, classify
+from middlestorm.work import Next, attempts
 
 #: The largest request body read, in bytes; a larger one is refused with 413.
 #: Far above what a note needs: 500 characters are at most 6 KB of JSON.
@@ -54,13 +55,31 @@ FORM = "application/x-www-form-urlencoded"
 log = logging.getLogger(__name__)
 
 
-def create_app(db_uri: str, *, server_timing: bool = False) -> MiddleStorm:
+def create_app(
+    db_uri: str, *, server_timing: bool = False, wait_for_database: float = 0
+) -> MiddleStorm:
     """The notes application on the database at ``db_uri``, wrapped in MiddleStorm.
 
-    The schema is created or upgraded first, with this thread's store.
+    The schema is created or upgraded first, with this thread's store. With
+    ``wait_for_database`` seconds, a database that cannot be reached (it is
+    restarting while a server starts a worker) is waited for, as requests
+    wait: retried with backoff, then the error is raised.
     """
     app = MiddleStorm(notes_app, db_uri, server_timing=server_timing)
-    schema.upgrade(app.registry.get())
+    if wait_for_database:
+        patience = RetryPolicy(
+            attempts=1000, backoff=0.1, max_backoff=1.0, deadline=wait_for_database
+        )
+        for attempt in attempts(patience):
+            try:
+                schema.upgrade(app.registry.get())
+                break
+            except Exception as error:
+                app.registry.transaction_manager.abort()
+                if attempt.failed(error, "schema upgrade") is not Next.RETRY:
+                    raise
+    else:
+        schema.upgrade(app.registry.get())
     app.registry.transaction_manager.commit()
     return app
 

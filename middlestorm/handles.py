@@ -25,6 +25,16 @@ if TYPE_CHECKING:
 __all__ = ["ThreadStores"]
 
 
+class _StoreProxy(LocalProxy):
+    """A lazy store that isinstance() checks (gunicorn's access log) do not resolve."""
+
+    __slots__ = ()
+
+    @property  # type: ignore[misc]
+    def __class__(self):
+        return Store
+
+
 class ThreadStores:
     """The stores one thread has from a registry, by name.
 
@@ -41,7 +51,7 @@ class ThreadStores:
         self.thread = threading.get_ident()
         self.thread_name = threading.current_thread().name
         #: A lazy proxy to the default store: nothing connects until it is used.
-        self.default = cast(Store, LocalProxy(self.get))
+        self.default = cast(Store, _StoreProxy(self.get))
 
     def get(self, name: str | None = None) -> Store:
         """This thread's store called ``name`` (the default store if ``None``).

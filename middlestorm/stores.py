@@ -23,6 +23,8 @@ from collections.abc import Mapping
 
 import transaction
 from storm.database import STATE_DISCONNECTED, Database
+from storm.exceptions import DatabaseError as StormDatabaseError
+from storm.exceptions import DisconnectionError
 from storm.store import Store
 from storm.zope.zstorm import ZStorm, register_store_with_transaction
 from transaction.interfaces import ITransaction, ITransactionManager
@@ -133,7 +135,10 @@ class StoreRegistry(ZStorm):
 
     def create(self, name: str | None, uri: str | None = None) -> Store:
         """Create a store in this thread (see ``ZStorm.create``)."""
-        store = super().create(name, uri)
+        try:
+            store = super().create(name, uri)
+        except StormDatabaseError as error:  # Store() connects at once
+            raise DisconnectionError(str(error)) from error
         store._event.unhook(
             "register-transaction", register_store_with_transaction, weakref.ref(self)
         )

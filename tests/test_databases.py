@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from storm.database import create_database
 
-from middlestorm import ConfigurationError, MiddleStorm, StoreRegistry, open_database, redact_uri
+from middlestorm import (
+    ConfigurationError,
+    MiddleStorm,
+    RetryPolicy,
+    StoreRegistry,
+    open_database,
+    redact_uri,
+)
 from tests.conftest import POSTGRES_URI, require_postgres
 from tests.helpers import call
 
@@ -101,16 +108,20 @@ def test_a_storm_database_is_used_as_given():
 @pytest.mark.parametrize("password", [SECRET, quote(f"{SECRET}/@:?#'{SECRET}", safe="")])
 def test_a_failing_connection_shows_no_password_in_errors_logs_or_reprs(password, caplog):
     # Port 1 refuses connections: the request fails while connecting.
-    middleware = MiddleStorm(app, f"postgres://app:{password}@127.0.0.1:1/app?connect_timeout=5")
+    uri = f"postgres://app:{password}@127.0.0.1:1/app?connect_timeout=5"
+    once = MiddleStorm(app, uri, retry=None)
+    retried = MiddleStorm(app, uri, retry=RetryPolicy(attempts=2, backoff=0.001))
     caplog.set_level(logging.DEBUG)
 
     with pytest.raises(Exception) as caught:
-        call(middleware)
+        call(once)
+    busy = call(retried)  # transient: run again, then a 503 with the cause logged
 
     printed = "".join(traceback.format_exception(caught.value))
-    shown = [repr(middleware), repr(middleware.registry), printed, caplog.text]
+    shown = [repr(once), repr(once.registry), printed, caplog.text]
     assert all(SECRET not in text for text in shown)
     assert "127.0.0.1" in str(caught.value)
+    assert busy.status == "503 Service Unavailable" and "127.0.0.1" in caplog.text
 
 
 # -- Passwords of any characters ---------------------------------------------
