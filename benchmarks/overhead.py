@@ -108,7 +108,8 @@ def main() -> None:
     parser.add_argument("--postgres", metavar="URI", help="also measure on this database")
     options = parser.parse_args()
     folder = tempfile.mkdtemp()
-    uris = {"SQLite": f"sqlite:{Path(folder) / 'bench.db'}"}
+    # A lock timeout long enough for four writers on a loaded machine, for both contenders.
+    uris = {"SQLite": f"sqlite:{Path(folder) / 'bench.db'}?timeout=30"}
     if options.postgres:
         uris["PostgreSQL"] = options.postgres
     print(
