@@ -31,6 +31,7 @@ from storm.zope.zstorm import StoreDataManager as StormDataManager
 
 from middlestorm import timeouts, work
 from middlestorm.errors import CommitInDoubtError, WrongThreadError
+from middlestorm.lifecycle import COMMITTED_STORES
 from middlestorm.retry import Verdict, classify
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = ["StoreDataManager", "hook", "unhook"]
 
-#: The key, in a transaction's ``extension``, of how many stores have committed.
-_COMMITTED = "middlestorm.committed_stores"
 #: True while a data manager commits its store: that commit is the transaction's own.
 _finishing: ContextVar[bool] = ContextVar("middlestorm.finishing", default=False)
 
@@ -108,7 +107,7 @@ class StoreDataManager(StormDataManager):
             hook(self._store, self._zstorm)
 
     def tpc_finish(self, txn: Any) -> None:
-        committed_before = txn.extension.get(_COMMITTED, 0)
+        committed_before = txn.extension.get(COMMITTED_STORES, 0)
         token = _finishing.set(True)
         try:
             self._store.commit()
@@ -133,7 +132,7 @@ class StoreDataManager(StormDataManager):
             raise
         finally:
             _finishing.reset(token)
-        txn.extension[_COMMITTED] = committed_before + 1
+        txn.extension[COMMITTED_STORES] = committed_before + 1
         work.note_commit()
         self._hook_register_transaction_event()
 

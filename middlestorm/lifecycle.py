@@ -24,6 +24,9 @@ __all__ = ["CommitVeto", "default_commit_veto", "end_transaction"]
 
 log = logging.getLogger(__name__)
 
+#: The key, in a transaction's ``extension``, of how many stores have committed.
+COMMITTED_STORES = "middlestorm.committed_stores"
+
 #: ``veto(environ, status, headers) -> bool``: true means abort.
 CommitVeto = Callable[[dict[str, Any], str, Iterable[tuple[str, str]]], bool]
 
@@ -62,7 +65,7 @@ def end_transaction(registry: StoreRegistry, *, commit: bool) -> bool:
         abort_quietly(manager)
         raise
     except BaseException as error:
-        committed = (txn.extension or {}).get("middlestorm.committed_stores")
+        committed = (txn.extension or {}).get(COMMITTED_STORES)
         abort_quietly(manager)
         if committed:
             raise CommitInDoubtError(
