@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from storm.exceptions import DatabaseError, DisconnectionError
-from werkzeug.serving import run_simple
+from werkzeug.serving import is_running_from_reloader, run_simple
 
 from example_app import create_app
 from example_app.config import DB_VARIABLE, DEFAULT_SQLITE, database_uri
@@ -64,13 +65,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     logging.getLogger("example_app").info("notes database: %s", redact_uri(db_uri))
-    run_simple(
-        options.host,
-        options.port,
-        app,
-        use_reloader=not options.no_reload,
-        threaded=True,
-    )
+    try:
+        run_simple(
+            options.host,
+            options.port,
+            app,
+            use_reloader=not options.no_reload,
+            threaded=True,
+        )
+    except SystemExit as exit:
+        if exit.code == 3 and is_running_from_reloader():
+            # The reloader's child asks for a restart with sys.exit(3) while
+            # its server thread may be starting a request thread. A thread
+            # started during interpreter finalization can crash CPython before
+            # 3.11.6 (gh-108987) with SIGSEGV, and the parent then exits
+            # instead of restarting. Leave without finalizing: the request
+            # threads are daemons, cut off either way.
+            app.registry.release()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
+        raise
     return 0
 
 

@@ -18,12 +18,68 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30  # seconds, for one HTTP request and for a server to start
+#: How many of the log's last lines an assertion about a server shows.
+TAIL_LINES = 60
+#: The most lines of a faulthandler dump shown (one block per thread).
+DUMP_LINES = 200
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def describe_returncode(code: int | None) -> str:
+    """A process's return code in words."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        return f"was killed by {signal_name(-code)}"
+    if 256 - code in SIGNALS:
+        # werkzeug's reloader ends with sys.exit(its child's return code), so
+        # a child killed by SIGSEGV (-11) makes the parent exit with 245.
+        return (
+            f"exited with {code}, which is 256 - {256 - code}: if it passed on a child's"
+            f" return code, as werkzeug's reloader does, a child was killed by"
+            f" {signal_name(256 - code)}"
+        )
+    return f"exited with {code}"
+
+
+SIGNALS = {int(number) for number in signal.Signals}
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+#: How the lines of a faulthandler report after its first begin.
+DUMP_PREFIXES = (
+    "Python runtime state",
+    "Thread 0x",
+    "Current thread 0x",
+    "  ",
+    "Extension modules",
+)
+
+
+def faulthandler_dump(lines: list[str]) -> tuple[int, list[str]]:
+    """Where the first faulthandler report in ``lines`` starts, and its lines:
+    from ``Fatal Python error`` through every thread's traceback (at most
+    ``DUMP_LINES``); ``(-1, [])`` when there is none."""
+    for start, line in enumerate(lines):
+        if line.startswith("Fatal Python error"):
+            end = start + 1
+            while end < min(len(lines), start + DUMP_LINES) and (
+                not lines[end] or lines[end].startswith(DUMP_PREFIXES)
+            ):
+                end += 1
+            return start, lines[start:end]
+    return -1, []
 
 
 @dataclass
@@ -33,10 +89,37 @@ class Server:
     process: subprocess.Popen
     base_url: str
     log: Path
+    command: list[str] = field(default_factory=list)
 
     @property
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def report(self, around: str | None = None, lines: int = TAIL_LINES) -> str:
+        """What an assertion about this server shows, rather than its whole log:
+        whether it runs or how it ended, its faulthandler dump if it crashed,
+        the lines around the first one containing ``around`` if given, and the
+        last ``lines`` lines of its log."""
+        log = self.output.splitlines()
+        name = " ".join(self.command[:4]) or "the server"
+        parts = [f"{name} (pid {self.process.pid}) {describe_returncode(self.process.poll())}"]
+        tail_start = max(0, len(log) - lines)
+
+        def excerpt(title: str, first: int, excerpt_lines: list[str]) -> None:
+            last = first + len(excerpt_lines)
+            parts.append(f"--- {title}: {self.log}, lines {first + 1}-{last} of {len(log)} ---")
+            parts.extend(excerpt_lines)
+
+        dump_start, dump = faulthandler_dump(log)
+        if dump and dump_start < tail_start:  # else the tail shows it
+            excerpt("faulthandler dump", dump_start, dump[: tail_start - dump_start])
+        if around is not None:
+            found = next((i for i, line in enumerate(log) if around in line), -1)
+            if 0 <= found < tail_start:
+                first = max(0, found - 5)
+                excerpt(f"first {around!r}", first, log[first : min(found + 30, tail_start)])
+        excerpt("the end of the log", tail_start, log[tail_start:])
+        return "\n".join(parts)
 
     def stop(self) -> None:
         """Stop the whole process group (workers, reloader children) by its pid."""
@@ -52,11 +135,19 @@ class Server:
 def start_server(command: list[str], db_uri: str, log: Path, cwd: Path = REPO, port: int = 0):
     """Start ``command`` (``{port}`` filled in) and wait until it answers."""
     port = port or free_port()
-    env = {**os.environ, "EXAMPLE_APP_DB": db_uri, "PYTHONUNBUFFERED": "1"}
+    # PYTHONFAULTHANDLER: a server that crashes (SIGSEGV, SIGABRT...) writes
+    # every thread's Python traceback into its log before it dies.
+    env = {
+        **os.environ,
+        "EXAMPLE_APP_DB": db_uri,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONFAULTHANDLER": "1",
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
+    command = [part.format(port=port, python=sys.executable) for part in command]
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [part.format(port=port, python=sys.executable) for part in command],
+            command,
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -64,18 +155,18 @@ def start_server(command: list[str], db_uri: str, log: Path, cwd: Path = REPO, p
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    server = Server(process, f"http://127.0.0.1:{port}", log, command)
     deadline = time.monotonic() + TIMEOUT
     while True:
         if process.poll() is not None:
-            raise AssertionError(
-                f"{command[:3]} exited with {process.returncode}:\n{server.output}"
-            )
+            raise AssertionError(f"the server did not start:\n{server.report()}")
         if request(server.base_url + "/api/notes")[0] == 200:
             return server
         if time.monotonic() > deadline:
             server.stop()
-            raise AssertionError(f"{command[:3]} did not answer in {TIMEOUT}s:\n{server.output}")
+            raise AssertionError(
+                f"the server did not answer in {TIMEOUT}s, so it was stopped:\n{server.report()}"
+            )
         time.sleep(0.2)
 
 
