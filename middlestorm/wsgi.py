@@ -245,10 +245,9 @@ class MiddleStorm:
                     raise
                 if sqlstate(error) == timeouts.QUERY_CANCELED:
                     log.warning(
-                        "%s %s had a statement cancelled (SQLSTATE 57014, a statement "
+                        "%s had a statement cancelled (SQLSTATE 57014, a statement "
                         "timeout or a cancel request): %s",
-                        environ.get("REQUEST_METHOD"),
-                        environ.get("PATH_INFO"),
+                        _request_line(environ),
                         str(error).strip(),
                     )
                     return self._busy(environ, start_response)
@@ -258,15 +257,13 @@ class MiddleStorm:
                     if classify(error) is not Verdict.TRANSIENT:
                         raise
                     log.warning(
-                        "%s %s failed on a transient error and is not run again: its body "
+                        "%s failed on a transient error and is not run again: its body "
                         "is over replay_limit: %s",
-                        environ.get("REQUEST_METHOD"),
-                        environ.get("PATH_INFO"),
+                        _request_line(environ),
                         str(error).strip(),
                     )
                     return self._busy(environ, start_response)
-                what = f"request {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
-                next_step = attempt.failed(error, what)
+                next_step = attempt.failed(error, f"request {_request_line(environ)}")
                 if next_step is Next.RETRY:
                     continue
                 if next_step is Next.EXHAUSTED:
@@ -429,7 +426,6 @@ class _Exchange:
         self.written = 0
         #: The server closed the body from a thread other than the request's.
         self.closed_elsewhere = False
-        self.thread = threading.get_ident()
         self._token: Token | None = None
         self._limits: Token | None = None
         self.stats: timing.RequestStats | None = None
@@ -626,17 +622,16 @@ class _Exchange:
         """Abort a streamed response the server never closed, when its thread moves on."""
         if not self.ended:
             log.warning(
-                "the server never closed the response to %s %s (%s); its transaction "
+                "the server never closed the response to %s (%s); its transaction "
                 "is rolled back now, as the thread's next request begins",
-                self.environ.get("REQUEST_METHOD"),
-                self.environ.get("PATH_INFO"),
+                _request_line(self.environ),
                 self.status,
             )
             self.fail()
 
     def _owns_transaction(self) -> bool:
         """Mark the transaction ended; false if this thread may not end it."""
-        if threading.get_ident() == self.thread:
+        if threading.get_ident() == self.stores.thread:
             self.ended = True
             return True
         self.closed_elsewhere = True
@@ -645,7 +640,7 @@ class _Exchange:
             "its transaction is left to that thread, which rolls it back when its next "
             "request begins or when it ends",
             threading.get_ident(),
-            self.thread,
+            self.stores.thread,
         )
         return False
 
@@ -663,9 +658,8 @@ class _Exchange:
         stats = self.stats
         if stats is not None and timing.stop(stats):
             timing.log.debug(
-                "%s %s -> %s, %s: %d statements in %.2f ms, commit or abort %.2f ms",
-                self.environ.get("REQUEST_METHOD"),
-                self.environ.get("PATH_INFO"),
+                "%s -> %s, %s: %d statements in %.2f ms, commit or abort %.2f ms",
+                _request_line(self.environ),
                 self.status,
                 outcome,
                 stats.statements,
@@ -719,7 +713,7 @@ class _StreamedBody:
             self._finish()
             raise
         except BaseException:
-            self._fail()
+            self.close()
             raise
 
     def _finish(self) -> None:
@@ -739,12 +733,6 @@ class _StreamedBody:
                 exchange.status,
             )
             raise
-
-    def _fail(self) -> None:
-        try:
-            self._close_app()
-        finally:
-            self._exchange.fail()
 
     def close(self) -> None:
         exchange = self._exchange
@@ -774,6 +762,11 @@ def _replayable_body(environ: Environ, limit: int, in_memory: int) -> Replayable
     body = ReplayableInput(environ["wsgi.input"], limit=limit, in_memory=in_memory)
     environ["wsgi.input"] = body
     return body
+
+
+def _request_line(environ: Environ) -> str:
+    """``METHOD /path`` of the request, for logs."""
+    return f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
 
 
 def _close(result: Iterable[bytes]) -> None:
