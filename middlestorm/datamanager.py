@@ -17,7 +17,6 @@ a retry policy need to know:
 
 from __future__ import annotations
 
-import threading
 import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -77,11 +76,7 @@ def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
     if registry is None:
         return False
     if id(store) not in registry._stores:  # the registry's stores of the calling thread
-        raise WrongThreadError(
-            f"a store of {registry!r} was used from thread {threading.get_ident()}, which it "
-            "does not belong to; Storm stores are not thread-safe: get the store in the "
-            "thread that uses it (environ, middlestorm.current_store or StoreRegistry.get())"
-        )
+        raise WrongThreadError.for_store(f"a store of {registry!r}")
     txn = registry.transaction_manager.get()
     if store._tpc:
         global_id = registry._txn_ids.get(txn)

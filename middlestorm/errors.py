@@ -1,5 +1,9 @@
 """The exceptions middlestorm raises."""
 
+from __future__ import annotations
+
+import threading
+
 from storm.exceptions import DisconnectionError
 from storm.zope.interfaces import ZStormError
 
@@ -35,6 +39,23 @@ class WrongThreadError(MiddleStormError, ZStormError):
     It subclasses Storm's ``ZStormError``, which Storm raises for the same
     mistake when it notices it first.
     """
+
+    @classmethod
+    def for_store(
+        cls, what: str, owner: int | None = None, owner_name: str | None = None
+    ) -> WrongThreadError:
+        """The error for ``what`` (``"the store 'main'"``), used from the calling thread."""
+        current = threading.current_thread()
+        if owner is None:
+            belongs = "belongs to another thread"
+        else:
+            belongs = f"belongs to thread {owner}" + (f" ({owner_name!r})" if owner_name else "")
+        return cls(
+            f"{what} {belongs} and was used from thread {current.ident} ({current.name!r}); "
+            "Storm stores are not thread-safe, and a request's store ends with the request: "
+            "in another thread, use a store of its own (StoreRegistry.get() there) and end "
+            "its transaction there"
+        )
 
 
 class CommitInDoubtError(MiddleStormError, DisconnectionError):

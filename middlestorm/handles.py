@@ -85,10 +85,4 @@ class ThreadStores:
 
     def _wrong_thread(self, name: str | None) -> WrongThreadError:
         name = self.registry.default_name if name is None else name
-        current = threading.current_thread()
-        return WrongThreadError(
-            f"the store {name!r} belongs to thread {self.thread} ({self.thread_name!r}) and "
-            f"was used from thread {current.ident} ({current.name!r}); Storm stores are not "
-            "thread-safe and a request's store ends with the request: in another thread, "
-            "use a store of its own (StoreRegistry.get() there) and end its transaction there"
-        )
+        return WrongThreadError.for_store(f"the store {name!r}", self.thread, self.thread_name)

@@ -143,8 +143,10 @@ class StoreRegistry(ZStorm):
             "register-transaction", register_store_with_transaction, weakref.ref(self)
         )
         datamanager.hook(store, self)
-        owner = threading.get_ident()
-        store._event.hook("register-transaction", _refuse_other_threads, owner, name)
+        owner = threading.current_thread()
+        store._event.hook(
+            "register-transaction", _refuse_other_threads, owner.ident, owner.name, name
+        )
         thread_stores = self._local.__dict__.get("closer")
         if thread_stores is None:
             thread_stores = self._local.closer = _ThreadStores()
@@ -255,14 +257,9 @@ def _abandon(store: Store) -> None:
         _abandoned.append(raw)
 
 
-def _refuse_other_threads(store: Store, owner: int, name: str | None) -> None:
+def _refuse_other_threads(store: Store, owner: int, owner_name: str, name: str | None) -> None:
     if threading.get_ident() != owner:
-        raise WrongThreadError(
-            f"the store {name!r} belongs to thread {owner} and was used from thread "
-            f"{threading.get_ident()}; Storm stores are not thread-safe: get the store "
-            "in the thread that uses it (environ, middlestorm.current_store or "
-            "StoreRegistry.get())"
-        )
+        raise WrongThreadError.for_store(f"the store {name!r}", owner, owner_name)
 
 
 def _check_thread_local(manager: ITransactionManager | None) -> None:
