@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from werkzeug.test import EnvironBuilder
 from werkzeug.wsgi import ClosingIterator
 
@@ -85,3 +89,31 @@ def streaming(*words: str, headers=(), closed: list | None = None) -> Callable:
         return ClosingIterator(body(), lambda: closed.append(True))
 
     return app
+
+
+def in_forked_child(function: Callable[[], object]) -> object:
+    """Run ``function`` in a child made by ``os.fork()``; return what it returned.
+
+    A child that raised fails the test with the child's traceback.
+    """
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            try:
+                outcome = {"value": function()}
+            except BaseException:
+                outcome = {"error": traceback.format_exc()}
+            with os.fdopen(write_end, "w") as pipe:
+                json.dump(outcome, pipe)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    os.waitpid(child, 0)
+    outcome = json.loads(text)
+    if "error" in outcome:
+        pytest.fail(f"the forked child failed:\n{outcome['error']}")
+    return outcome["value"]

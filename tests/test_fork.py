@@ -7,12 +7,11 @@ transaction without locking the file, so that the child can still write.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from storm.exceptions import ClosedError
 from storm.store import Store
 
 from middlestorm import StoreRegistry
+from tests.helpers import in_forked_child
 from tests.models import Note
 from tests.servers import request, start_server
 
@@ -41,34 +41,6 @@ def mid_request(store: Store, body: str | None = None) -> None:
     store.execute("SELECT 1")
     if body is not None:
         store.add(Note(body))
-
-
-def in_forked_child(function: Callable[[], object]) -> object:
-    """Run ``function`` in a child made by ``os.fork()``; return what it returned.
-
-    A child that raised fails the test with the child's traceback.
-    """
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(read_end)
-            try:
-                outcome = {"value": function()}
-            except BaseException:
-                outcome = {"error": traceback.format_exc()}
-            with os.fdopen(write_end, "w") as pipe:
-                json.dump(outcome, pipe)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        text = pipe.read()
-    os.waitpid(child, 0)
-    outcome = json.loads(text)
-    if "error" in outcome:
-        pytest.fail(f"the forked child failed:\n{outcome['error']}")
-    return outcome["value"]
 
 
 def test_a_child_forked_mid_request_and_its_parent_each_commit_their_write(db, registry):

@@ -117,14 +117,22 @@ def test_a_commit_in_doubt_is_never_transient():
     assert classify(CommitInDoubtError("lost during COMMIT")) is Verdict.IN_DOUBT
 
 
-def test_a_transaction_packages_transient_error_is_transient_even_when_wrapped():
+@pytest.mark.parametrize(
+    ("cause", "verdict"),
+    [
+        (TransientError("a conflict"), Verdict.TRANSIENT),
+        (CommitInDoubtError("lost during COMMIT"), Verdict.IN_DOUBT),
+    ],
+    ids=["transient", "in doubt"],
+)
+def test_a_cause_wrapped_in_another_error_keeps_its_verdict(cause, verdict):
     try:
         try:
-            raise TransientError("conflict")
-        except TransientError as cause:
-            raise RuntimeError("the view failed") from cause
+            raise cause
+        except type(cause) as wrapped:
+            raise RuntimeError("the view failed") from wrapped
     except RuntimeError as error:
-        assert classify(error) is Verdict.TRANSIENT
+        assert classify(error) is verdict
 
 
 def test_an_ordinary_error_is_permanent():
@@ -159,13 +167,3 @@ def test_no_wait_is_given_after_the_last_attempt_or_past_the_deadline():
 def test_a_bad_policy_is_refused_with_a_message_naming_the_setting(options, message):
     with pytest.raises(ConfigurationError, match=message):
         RetryPolicy(**options)
-
-
-def test_a_commit_in_doubt_wrapped_in_another_error_is_still_in_doubt():
-    try:
-        try:
-            raise CommitInDoubtError("lost during COMMIT")
-        except CommitInDoubtError as cause:
-            raise RuntimeError("saving failed") from cause
-    except RuntimeError as error:
-        assert classify(error) is Verdict.IN_DOUBT

@@ -14,7 +14,7 @@ import transaction
 from storm.exceptions import IntegrityError
 
 from middlestorm import MiddleStorm, NoRequestError, StoreRegistry, get_store
-from tests.helpers import call, start, streaming
+from tests.helpers import call, in_forked_child, start, streaming
 from tests.models import Note, Tag
 from tests.servers import start_server
 from tests.wsgi_apps import CHUNKS
@@ -504,28 +504,25 @@ def test_an_environ_called_with_again_after_its_request_ended_gets_its_own_trans
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_forked_child_does_not_take_its_parents_open_response_for_its_own(db, middleware):
+    def counting(environ, start_response):
+        count = environ["storm.store"].find(Note).count()  # reads: SQLite lets it past
+        start_response("200 OK", [])  # the parent's pending write
+        return [str(count).encode()]
+
     app = middleware(streaming("parent", "streaming"))
+    reader = middleware(counting)
     _, body = start(app, "/parent")
     assert next(iter(body)) == b"parent"
-    read_end, write_end = os.pipe()
 
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(read_end)
-            records: list[str] = []
-            handler = logging.Handler()
-            handler.emit = lambda record: records.append(record.getMessage())
-            logging.getLogger("middlestorm").addHandler(handler)
-            call(app, "/child")
-            os.write(write_end, "\n".join(records).encode() or b"-")
-        finally:
-            os._exit(0)
+    def serve_in_the_child() -> tuple[str, str]:
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: records.append(record.getMessage())
+        logging.getLogger("middlestorm").addHandler(handler)
+        return call(reader, "/child").status or "", "\n".join(records)
 
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        logged = pipe.read()
-    os.waitpid(child, 0)
+    status, logged = in_forked_child(serve_in_the_child)
     body.close()
 
+    assert status == "200 OK"
     assert "never closed" not in logged
