@@ -12,7 +12,10 @@ a retry policy need to know:
   outcome is unknown, and the work must not be run again;
 * after a failed COMMIT the connection is left ready for the rollback that
   follows, so it can be reused (Storm's SQLite connection forgets that
-  SQLite kept the transaction open, and its next BEGIN would fail).
+  SQLite kept the transaction open, and its next BEGIN would fail);
+* a store in two-phase mode follows :mod:`middlestorm.twophase`: prepared in
+  ``tpc_vote`` (not in ``commit``, as Storm's), the deciding store first,
+  and never rolled back once the decision to commit was made.
 """
 
 from __future__ import annotations
@@ -20,15 +23,13 @@ from __future__ import annotations
 import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
-from uuid import uuid4
 
 from storm.exceptions import DisconnectionError
 from storm.store import Store
 from storm.tracer import install_tracer
-from storm.xid import Xid
 from storm.zope.zstorm import StoreDataManager as StormDataManager
 
-from middlestorm import timeouts, work
+from middlestorm import timeouts, twophase, work
 from middlestorm.errors import CommitInDoubtError, WrongThreadError
 from middlestorm.lifecycle import COMMITTED_STORES
 from middlestorm.retry import Verdict, classify
@@ -78,24 +79,61 @@ def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
     if id(store) not in registry._stores:  # the registry's stores of the calling thread
         raise WrongThreadError.for_store(f"a store of {registry!r}")
     txn = registry.transaction_manager.get()
+    manager = StoreDataManager(store, registry)
     if store._tpc:
-        global_id = registry._txn_ids.get(txn)
-        if global_id is None:
-            global_id = registry._txn_ids[txn] = f"_storm_{uuid4()}"
-        store.begin(Xid(0, global_id, registry.get_name(store)))
-    txn.join(StoreDataManager(store, registry))
+        manager.name = registry.get_name(store)
+        manager.two_phase = twophase.for_transaction(registry, txn)
+        manager.two_phase.begin(store, manager.name)
+    txn.join(manager)
     timeouts.apply(store)
     return False  # joined once per transaction: hooked again when it ends
 
 
 class StoreDataManager(StormDataManager):
-    """Storm's data manager for one store in one transaction, with retry and in-doubt errors."""
+    """Storm's data manager for one store in one transaction, with retry and in-doubt errors.
+
+    A store in two-phase mode (``store._tpc``) is prepared in ``tpc_vote``
+    and ended by :mod:`middlestorm.twophase`'s rules.
+    """
+
+    #: The transaction's two-phase commit, for a store in two-phase mode.
+    two_phase: twophase.Commit | None = None
+    #: The store's name in its registry (two-phase mode only).
+    name = ""
 
     def abort(self, txn: Any) -> None:
         try:
-            self._store.rollback()
+            self._end_aborted()
         finally:
             self._hook_register_transaction_event()
+
+    def _end_aborted(self) -> None:
+        if self.two_phase is None:
+            self._store.rollback()
+        elif not self._finished:
+            self.two_phase.settle(self._store, self.name)
+            self._finished = True
+
+    _finished = False
+
+    def commit(self, txn: Any) -> None:
+        """Nothing: Storm prepares a two-phase store here, this one in ``tpc_vote``."""
+
+    def tpc_vote(self, txn: Any) -> None:
+        if self.two_phase is not None:
+            self.two_phase.vote(self._store, self.name, txn)
+
+    def tpc_abort(self, txn: Any) -> None:
+        if self.two_phase is not None:
+            try:
+                self._end_aborted()
+            finally:
+                self._hook_register_transaction_event()
+
+    def sortKey(self) -> str:
+        if self.two_phase is None:
+            return str(super().sortKey())
+        return self.two_phase.sort_key(self.name)
 
     def _hook_register_transaction_event(self) -> None:
         if self._store._register_for_txn:
@@ -106,12 +144,14 @@ class StoreDataManager(StormDataManager):
         token = _finishing.set(True)
         try:
             self._store.commit()
-        except DisconnectionError as error:
-            raise CommitInDoubtError(
-                "the connection was lost during the COMMIT: the database may or may not "
-                "have committed this transaction, so it is not run again"
-            ) from error
         except Exception as error:
+            if self.two_phase is not None and self.two_phase.decided:
+                raise self._left_prepared(error) from error
+            if isinstance(error, DisconnectionError):
+                raise CommitInDoubtError(
+                    "the connection was lost during the COMMIT: the database may or may not "
+                    "have committed this transaction, so it is not run again"
+                ) from error
             _keep_sqlite_transaction(self._store)
             if committed_before:
                 raise CommitInDoubtError(
@@ -127,9 +167,24 @@ class StoreDataManager(StormDataManager):
             raise
         finally:
             _finishing.reset(token)
+        if self.two_phase is not None:
+            self._finished = True
+            self.two_phase.finished_branch(self.name)
         txn.extension[COMMITTED_STORES] = committed_before + 1
         work.note_commit()
         self._hook_register_transaction_event()
+
+    def _left_prepared(self, error: Exception) -> CommitInDoubtError:
+        """A branch of a committed two-phase transaction that could not be committed."""
+        assert self.two_phase is not None
+        self._finished = True  # never rolled back: recovery commits it
+        twophase.detach(self._store)
+        return CommitInDoubtError(
+            f"the transaction {self.two_phase.gtrid} is committed, but the COMMIT PREPARED "
+            f"of the store {self.name!r} failed ({type(error).__name__}: {str(error).strip()}); "
+            "its part stays prepared, holding its locks, until "
+            "middlestorm.twophase.recover() commits it"
+        )
 
     def should_retry(self, error: BaseException) -> bool:
         """Whether ``error`` ended an attempt that may be run again (``transaction``'s API)."""

@@ -29,7 +29,7 @@ from storm.store import Store
 from storm.zope.zstorm import ZStorm, register_store_with_transaction
 from transaction.interfaces import ITransaction, ITransactionManager
 
-from middlestorm import datamanager
+from middlestorm import datamanager, twophase
 from middlestorm.databases import DatabaseSpec, open_database
 from middlestorm.errors import ConfigurationError, UnknownStoreError, WrongThreadError
 
@@ -57,8 +57,13 @@ class StoreRegistry(ZStorm):
     :param transaction_manager: the manager stores join; it must be
         thread-local: ``transaction.manager`` (the default) or a
         ``transaction.ThreadTransactionManager()`` of the registry's own.
+    :param two_phase: commit a transaction that several stores joined with
+        two-phase commit, so that all of them commit or none does
+        (:mod:`middlestorm.twophase`; PostgreSQL only, with
+        ``max_prepared_transactions`` set).
     :raises ConfigurationError: for a ``transaction.TransactionManager``,
-        whose one transaction every thread would share.
+        whose one transaction every thread would share; with ``two_phase``,
+        for a database other than PostgreSQL.
     """
 
     _local: threading.local
@@ -69,8 +74,10 @@ class StoreRegistry(ZStorm):
         *,
         default: str | None = None,
         transaction_manager: ITransactionManager | None = None,
+        two_phase: bool = False,
     ) -> None:
         super().__init__()
+        self.two_phase = two_phase
         # ZStorm caches databases in a class attribute, shared by every
         # instance; each registry keeps its own.
         self._databases: dict[str, Database] = {}
@@ -81,11 +88,7 @@ class StoreRegistry(ZStorm):
         if not databases:
             raise ConfigurationError("a StoreRegistry needs at least one database")
         for name, spec in databases.items():
-            if not isinstance(name, str) or not name:
-                raise ConfigurationError(f"store names must be non-empty strings, not {name!r}")
-            database, shown = open_database(spec)
-            self._default_databases[name] = database
-            self._default_uris[name] = shown
+            self._set_database(name, spec)
         self.default_name = next(iter(databases)) if default is None else default
         self._check_name(self.default_name)
         _registries.add(self)
@@ -113,9 +116,15 @@ class StoreRegistry(ZStorm):
 
         :raises ConfigurationError: as the constructor would for ``default_uri``.
         """
+        self._set_database(name, default_uri)
+
+    def _set_database(self, name: str, spec: DatabaseSpec) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"store names must be non-empty strings, not {name!r}")
-        database, shown = open_database(default_uri)
+        database, shown = open_database(spec)
+        if self.two_phase:
+            twophase.check_database(name, database)
+            self.set_default_tpc(name, True)
         self._default_databases[name] = database
         self._default_uris[name] = shown
 

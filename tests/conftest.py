@@ -305,3 +305,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "pg" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
+
+
+# The private clusters' fixtures, shared by every module that uses them (a
+# session fixture defined in two modules would make its cluster twice).
+from tests.pgcluster import (  # noqa: E402
+    cluster_db,
+    cluster_empty_db,
+    other_cluster,
+    pg_cluster,
+)
+
+__all__ = ["cluster_db", "cluster_empty_db", "other_cluster", "pg_cluster"]

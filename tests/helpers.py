@@ -117,3 +117,30 @@ def in_forked_child(function: Callable[[], object]) -> object:
     if "error" in outcome:
         pytest.fail(f"the forked child failed:\n{outcome['error']}")
     return outcome["value"]
+
+
+class DataManager:
+    """A data manager that does nothing: tests override the step they act in."""
+
+    transaction_manager = None
+
+    def abort(self, txn) -> None:
+        pass
+
+    def tpc_begin(self, txn) -> None:
+        pass
+
+    def commit(self, txn) -> None:
+        pass
+
+    def tpc_vote(self, txn) -> None:
+        pass
+
+    def tpc_finish(self, txn) -> None:
+        pass
+
+    def tpc_abort(self, txn) -> None:
+        pass
+
+    def sortKey(self) -> str:
+        return "another data manager"

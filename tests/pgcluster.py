@@ -39,6 +39,7 @@ from tests.conftest import IN_CI, SCHEMA
 
 VERSION = "15"
 PREFIX = "middlestorm_faults_"
+OTHER_PREFIX = "middlestorm_other_"
 PORTS = range(5400, 5600)
 BINDIR = Path(f"/usr/lib/postgresql/{VERSION}/bin")
 #: Seconds any one cluster command may take.
@@ -383,6 +384,17 @@ def pg_cluster() -> Iterator[PrivateCluster]:
     """A PostgreSQL 15 cluster of the session's own, dropped at the end."""
     require_cluster()
     cluster = PrivateCluster.create()
+    try:
+        yield cluster
+    finally:
+        cluster.drop()
+
+
+@pytest.fixture(scope="session")
+def other_cluster() -> Iterator[PrivateCluster]:
+    """A second cluster of the session's own, for a database that fails on its own."""
+    require_cluster()
+    cluster = PrivateCluster.create(prefix=OTHER_PREFIX)
     try:
         yield cluster
     finally:

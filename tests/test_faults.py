@@ -26,15 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import pgcluster
 from tests.fault_app import Reply, call, post_json
 from tests.servers import Score, Server, request, start_server
 
 pytestmark = [pytest.mark.postgres, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-pg_cluster = pgcluster.pg_cluster
-cluster_db = pgcluster.cluster_db
-cluster_empty_db = pgcluster.cluster_empty_db
 
 #: The retry log line middlestorm writes on ``middlestorm.work`` at INFO.
 RETRY_LINE = "transient error in attempt"

@@ -18,7 +18,7 @@ from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request, Response
 
 from middlestorm import CommitInDoubtError, MiddleStorm, RetryPolicy, current_store
-from tests.helpers import call
+from tests.helpers import DataManager, call
 from tests.models import Counter, Note
 
 FAST = RetryPolicy(attempts=3, backoff=0.001)
@@ -402,32 +402,14 @@ def test_a_request_whose_inner_middleware_committed_is_not_run_again(db, middlew
     assert audit.notes() == ["ordered, attempt 1"]
 
 
-class CommitsAtVote:
+class CommitsAtVote(DataManager):
     """A data manager that commits its own write in tpc_vote, as zope.sqlalchemy does."""
 
     def __init__(self, db, body: str) -> None:
         self.db, self.body, self.transaction_manager = db, body, transaction.manager
 
-    def abort(self, txn) -> None:
-        pass
-
-    def tpc_begin(self, txn) -> None:
-        pass
-
-    def commit(self, txn) -> None:
-        pass
-
     def tpc_vote(self, txn) -> None:
         self.db.run(f"INSERT INTO note (body) VALUES ('{self.body}')")
-
-    def tpc_finish(self, txn) -> None:
-        pass
-
-    def tpc_abort(self, txn) -> None:
-        pass
-
-    def sortKey(self) -> str:
-        return "another data manager"
 
 
 def test_a_commit_failing_after_another_data_manager_committed_is_in_doubt(pg, pg_middleware):

@@ -1,0 +1,369 @@
+"""Two-phase commit across PostgreSQL stores, and recovery of what a crash leaves prepared.
+
+The two databases live in two clusters of the session's own
+(``tests/pgcluster.py``), with ``max_prepared_transactions`` set, so that one
+can be stopped while the other runs. A crash of the application is a forked
+child that leaves with ``os._exit`` at the chosen moment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import transaction
+from storm.tracer import install_tracer, remove_tracer
+
+from middlestorm import (
+    CommitInDoubtError,
+    ConfigurationError,
+    MiddleStorm,
+    StoreRegistry,
+    run_in_transaction,
+    twophase,
+)
+from middlestorm.retry import RetryPolicy
+from tests.conftest import POSTGRES_URI
+from tests.helpers import DataManager, call
+from tests.pgcluster import ClusterDatabase, PrivateCluster
+
+pytestmark = pytest.mark.postgres
+
+ONCE = RetryPolicy(attempts=1)
+#: The exit status of a child that crashed where the test meant it to.
+CRASHED = 17
+
+
+@pytest.fixture
+def dbs(
+    pg_cluster: PrivateCluster, other_cluster: PrivateCluster
+) -> Iterator[tuple[ClusterDatabase, ClusterDatabase]]:
+    """A database on each cluster, with the tests' tables; the first store decides."""
+    made = []
+    for cluster in (pg_cluster, other_cluster):
+        cluster.ensure_running()
+        made.append(cluster.create_database())
+    yield made[0], made[1]
+    for database in made:
+        database.cluster.ensure_running()
+        for (gid,) in database.query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+        ):
+            database.query(f"ROLLBACK PREPARED '{gid}'")
+        database.drop()
+
+
+@pytest.fixture
+def registry(dbs) -> StoreRegistry:
+    first, second = dbs
+    return StoreRegistry({"a": first.uri(), "b": second.uri()}, two_phase=True)
+
+
+def write_both(registry: StoreRegistry, body: str) -> Callable[[], None]:
+    """A unit of work that adds the note ``body`` in both databases, store "a" first."""
+
+    def work() -> None:
+        for name in ("a", "b"):
+            registry.get(name).execute("INSERT INTO note (body) VALUES (?)", (body,))
+
+    return work
+
+
+def prepared(database: ClusterDatabase) -> list[str]:
+    return [
+        gid
+        for (gid,) in database.query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+        )
+    ]
+
+
+def decisions(database: ClusterDatabase) -> list[str]:
+    if not database.query("SELECT to_regclass('middlestorm_twophase') IS NOT NULL")[0][0]:
+        return []
+    return [gtrid for (gtrid,) in database.query("SELECT gtrid FROM middlestorm_twophase")]
+
+
+class AtFirstCommit:
+    """A Storm tracer that runs ``action`` after the first COMMIT it sees: the decider's."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action = action
+        self.done = False
+
+    def connection_commit(self, connection, xid=None) -> None:
+        if not self.done:
+            self.done = True
+            self.action()
+
+
+class CrashAtVote(DataManager):
+    """A data manager voting after every store was prepared, that ends the process."""
+
+    def sortKey(self) -> str:
+        return "zzzz_crash"
+
+    def tpc_vote(self, txn) -> None:
+        os._exit(CRASHED)
+
+
+def crash_after_the_decision(uris: dict[str, str], body: str) -> None:
+    """In a child process: write ``body`` to both stores, and die once the first committed."""
+
+    def crash() -> None:
+        registry = StoreRegistry(uris, two_phase=True)
+        install_tracer(AtFirstCommit(lambda: os._exit(CRASHED)))
+        run_in_transaction(registry, write_both(registry, body), policy=ONCE)
+
+    crash_in_child(crash)
+
+
+def crash_in_child(function: Callable[[], object]) -> None:
+    """Run ``function`` in a forked child that must die with status ``CRASHED``."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            function()
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == CRASHED, "the child did not crash as planned"
+
+
+# -- committing --------------------------------------------------------------------
+
+
+def test_a_transaction_that_writes_to_two_databases_commits_in_both(dbs, registry):
+    run_in_transaction(registry, write_both(registry, "both"), policy=ONCE)
+
+    assert [db.notes() for db in dbs] == [["both"], ["both"]]
+    assert [prepared(db) for db in dbs] == [[], []]
+
+
+def test_a_transaction_that_fails_commits_in_neither(dbs, registry):
+    def fail() -> None:
+        write_both(registry, "neither")()
+        raise RuntimeError("the app failed")
+
+    with pytest.raises(RuntimeError):
+        run_in_transaction(registry, fail, policy=ONCE)
+
+    assert [db.notes() for db in dbs] == [[], []]
+    assert [prepared(db) for db in dbs] == [[], []]
+
+
+def test_a_second_database_refusing_to_prepare_rolls_back_the_first(dbs, registry):
+    first, second = dbs
+    second.run(
+        "ALTER TABLE note ADD CONSTRAINT note_body_unique UNIQUE (body) INITIALLY DEFERRED",
+        "INSERT INTO note (body) VALUES ('taken')",
+    )  # a deferred constraint is checked by PREPARE TRANSACTION
+
+    with pytest.raises(Exception, match="note_body_unique"):
+        run_in_transaction(registry, write_both(registry, "taken"), policy=ONCE)
+
+    assert first.notes() == []
+    assert second.notes() == ["taken"]
+    assert [prepared(db) for db in dbs] == [[], []]
+
+
+def test_a_transaction_one_store_joined_commits_in_one_phase(pg):
+    # The shared server has max_prepared_transactions = 0: a PREPARE would fail.
+    registry = StoreRegistry({"main": POSTGRES_URI, "other": POSTGRES_URI}, two_phase=True)
+
+    def write() -> None:
+        registry.get().execute("INSERT INTO note (body) VALUES ('one phase')")
+
+    run_in_transaction(registry, write, policy=ONCE)
+
+    assert pg.notes() == ["one phase"]
+
+
+def test_a_request_that_writes_to_two_databases_commits_in_both(dbs, registry):
+    def app(environ, start_response):
+        write_both(registry, "request")()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"saved"]
+
+    exchange = call(MiddleStorm(app, registry))
+
+    assert (exchange.status, exchange.data) == ("200 OK", b"saved")
+    assert [db.notes() for db in dbs] == [["request"], ["request"]]
+
+
+def test_decision_rows_do_not_pile_up(dbs, registry):
+    first, _ = dbs
+    for number in range(5):
+        run_in_transaction(registry, write_both(registry, f"note {number}"), policy=ONCE)
+
+    assert len(first.notes()) == 5
+    assert len(decisions(first)) == 1  # the last one's, deleted by the thread's next
+
+
+# -- a database lost between the phases ------------------------------------------------
+
+
+def test_the_second_database_dying_after_the_decision_is_committed_by_recovery(
+    dbs, registry, other_cluster
+):
+    first, second = dbs
+    killer = AtFirstCommit(lambda: other_cluster.stop("immediate"))
+    install_tracer(killer)
+    try:
+        with pytest.raises(CommitInDoubtError, match="is committed, but the COMMIT PREPARED"):
+            run_in_transaction(registry, write_both(registry, "decided"), policy=ONCE)
+    finally:
+        remove_tracer(killer)
+    assert killer.done
+    other_cluster.start()
+    assert first.notes() == ["decided"]
+    assert second.notes() == []  # prepared, not yet committed
+
+    left = twophase.in_doubt(registry)
+    resolutions = twophase.recover(registry, older_than=0)
+
+    assert [branch.branch for branch in left] == ["branch:b"]
+    assert [(r.outcome, r.left) for r in resolutions] == [("committed", ())]
+    assert [db.notes() for db in dbs] == [["decided"], ["decided"]]
+    assert [prepared(db) for db in dbs] == [[], []]
+    assert decisions(first) == []
+
+
+def test_a_store_after_the_one_that_failed_is_committed_at_once(dbs, pg_cluster, other_cluster):
+    first, second = dbs
+    third = pg_cluster.create_database()
+    try:
+        uris = {"a": first.uri(), "b": second.uri(), "c": third.uri()}
+        registry = StoreRegistry(uris, two_phase=True)
+
+        def work() -> None:
+            for name in ("a", "b", "c"):
+                registry.get(name).execute("INSERT INTO note (body) VALUES ('three')")
+
+        killer = AtFirstCommit(lambda: other_cluster.stop("immediate"))
+        install_tracer(killer)
+        try:
+            with pytest.raises(CommitInDoubtError):
+                run_in_transaction(registry, work, policy=ONCE)
+        finally:
+            remove_tracer(killer)
+        other_cluster.start()
+
+        # "b" failed to commit, so the transaction manager never asked "c" to:
+        # it is committed all the same, not rolled back.
+        assert [first.notes(), second.notes(), third.notes()] == [["three"], [], ["three"]]
+        assert prepared(third) == []
+        twophase.recover(registry, older_than=0)
+        assert second.notes() == ["three"]
+    finally:
+        third.drop()
+
+
+def test_a_thread_whose_commit_was_cut_off_works_again_once_the_database_is_back(
+    dbs, registry, other_cluster
+):
+    killer = AtFirstCommit(lambda: other_cluster.stop("immediate"))
+    install_tracer(killer)
+    try:
+        with pytest.raises(CommitInDoubtError):
+            run_in_transaction(registry, write_both(registry, "first"), policy=ONCE)
+    finally:
+        remove_tracer(killer)
+    other_cluster.start()
+    twophase.recover(registry, older_than=0)
+
+    run_in_transaction(registry, write_both(registry, "second"), policy=ONCE)
+
+    assert [db.notes() for db in dbs] == [["first", "second"], ["first", "second"]]
+
+
+# -- the application crashing between the phases ------------------------------------
+
+
+def test_a_crash_after_every_prepare_but_before_the_decision_is_rolled_back(dbs):
+    first, second = dbs
+    uris = {"a": first.uri(), "b": second.uri()}
+
+    def crash() -> None:
+        registry = StoreRegistry(uris, two_phase=True)
+        transaction.manager.begin()
+        write_both(registry, "undecided")()
+        transaction.get().join(CrashAtVote())
+        transaction.manager.commit()
+
+    crash_in_child(crash)
+    registry = StoreRegistry(uris, two_phase=True)
+    assert sorted(b.branch for b in twophase.in_doubt(registry)) == ["branch:b", "decider:a"]
+
+    [resolution] = twophase.recover(registry, older_than=0)
+
+    assert resolution.outcome == "rolled back"
+    assert [db.notes() for db in dbs] == [[], []]
+    assert [prepared(db) for db in dbs] == [[], []]
+
+
+def test_a_crash_after_the_decision_is_committed_by_recovery(dbs):
+    first, second = dbs
+    uris = {"a": first.uri(), "b": second.uri()}
+
+    crash_after_the_decision(uris, "decided")
+    registry = StoreRegistry(uris, two_phase=True)
+    assert first.notes() == ["decided"]
+    assert second.notes() == []
+
+    [resolution] = twophase.recover(registry, older_than=0)
+
+    assert resolution.outcome == "committed"
+    assert [db.notes() for db in dbs] == [["decided"], ["decided"]]
+    assert [prepared(db) for db in dbs] == [[], []]
+
+
+def test_recovery_leaves_recently_prepared_transactions_alone(dbs):
+    first, second = dbs
+    uris = {"a": first.uri(), "b": second.uri()}
+
+    crash_after_the_decision(uris, "young")
+    registry = StoreRegistry(uris, two_phase=True)
+
+    [resolution] = twophase.recover(registry)  # older_than=60 by default
+
+    assert resolution.outcome == "undecided"
+    assert len(prepared(second)) == 1
+    assert second.notes() == []
+
+
+def test_recovery_leaves_other_applications_prepared_transactions_alone(dbs, registry):
+    first, second = dbs
+    foreign = second.cluster.connect(second.name)
+    try:
+        foreign.autocommit = False
+        foreign.cursor().execute("INSERT INTO note (body) VALUES ('theirs')")
+        foreign.cursor().execute("PREPARE TRANSACTION 'someone-else'")
+    finally:
+        foreign.close()
+    elsewhere = StoreRegistry({"a": first.uri(), "b": second.uri(), "c": first.uri()})
+    assert twophase.fingerprint(elsewhere) != twophase.fingerprint(registry)
+
+    assert twophase.recover(registry, older_than=0) == []
+
+    assert twophase.in_doubt(registry) == []
+    assert prepared(second) == ["someone-else"]
+
+
+# -- configuration -----------------------------------------------------------------
+
+
+def test_two_phase_commit_refuses_a_database_other_than_postgresql(tmp_path):
+    with pytest.raises(ConfigurationError, match="two-phase commit needs PostgreSQL"):
+        StoreRegistry({"main": f"sqlite:{tmp_path}/app.db"}, two_phase=True)
+
+
+def test_two_phase_commit_refuses_a_store_name_too_long_for_a_branch_id():
+    with pytest.raises(ConfigurationError, match="store names of up to 56 bytes"):
+        StoreRegistry({"x" * 57: POSTGRES_URI}, two_phase=True)
+
+
+def test_recovery_refuses_a_negative_age(registry):
+    with pytest.raises(ValueError, match="older_than"):
+        twophase.recover(registry, older_than=-1)
