@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from transaction import ThreadTransactionManager, TransactionManager
 from transaction.interfaces import ITransactionManager
 
 from middlestorm.errors import CommitInDoubtError
@@ -20,7 +21,7 @@ from middlestorm.errors import CommitInDoubtError
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
 
-__all__ = ["CommitVeto", "default_commit_veto", "end_transaction"]
+__all__ = ["CommitVeto", "begin_transaction", "default_commit_veto", "end_transaction"]
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,46 @@ def default_commit_veto(
     return not code.isdigit() or int(code) >= 400
 
 
+def _thread_manager(manager: ITransactionManager) -> TransactionManager | None:
+    """The calling thread's ``TransactionManager`` behind ``manager``, if it has one."""
+    if isinstance(manager, ThreadTransactionManager):
+        manager = manager.manager
+    return manager if isinstance(manager, TransactionManager) else None
+
+
+def begin_transaction(manager: ITransactionManager) -> None:
+    """Begin a unit of work's transaction, or let its first use begin it.
+
+    A transaction begun by ``manager.get()`` (a store joining, the app
+    asking for it) is the one ``begin()`` would make, unless synchronizers
+    must hear of it, the manager is explicit, or a transaction is under way
+    (``begin()`` aborts it): only then is it begun now. A unit of work that
+    never uses one costs no transaction at all.
+    """
+    inner = _thread_manager(manager)
+    if inner is None or inner._txn is not None or inner.explicit or inner._synchs:
+        manager.begin()
+
+
+def under_way(manager: ITransactionManager) -> bool:
+    """Whether the calling thread has a transaction of ``manager`` (true if it can't tell)."""
+    inner = _thread_manager(manager)
+    return inner is None or inner._txn is not None
+
+
 def end_transaction(registry: StoreRegistry, *, commit: bool) -> bool:
     """Commit the current transaction of the registry's manager, or abort it.
 
     A doomed transaction is aborted whatever ``commit`` says. When the commit
-    itself fails, the transaction is aborted and the error is raised.
+    itself fails, the transaction is aborted and the error is raised. With
+    no transaction under way (none was used, or the app ended it), nothing
+    is done.
 
     :returns: whether the transaction was committed.
     """
     manager = registry.transaction_manager
+    if not under_way(manager):
+        return False
     if not commit or manager.isDoomed():
         manager.abort()
         return False
@@ -78,6 +110,8 @@ def end_transaction(registry: StoreRegistry, *, commit: bool) -> bool:
 
 def abort_quietly(manager: ITransactionManager) -> None:
     """Abort, logging rather than raising an error, for use while another is raised."""
+    if not under_way(manager):
+        return
     try:
         manager.abort()
     except Exception:

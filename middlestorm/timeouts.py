@@ -83,9 +83,12 @@ class _Budget:
 _budget: ContextVar[_Budget | None] = ContextVar("middlestorm.timeouts", default=None)
 
 
+_NO_LIMITS = Timeouts()
+
+
 def bind(timeouts: Timeouts | None) -> Token[_Budget | None]:
     """Give the unit of work starting here ``timeouts``; undo with :func:`unbind`."""
-    return _budget.set(_Budget(timeouts or Timeouts()))
+    return _budget.set(_Budget(timeouts or _NO_LIMITS))
 
 
 def unbind(token: Token[_Budget | None]) -> None:

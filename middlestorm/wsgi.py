@@ -37,7 +37,14 @@ from middlestorm import context, timeouts, timing
 from middlestorm.databases import DatabaseSpec
 from middlestorm.errors import ConfigurationError, WrongThreadError
 from middlestorm.handles import ThreadStores
-from middlestorm.lifecycle import CommitVeto, abort_quietly, default_commit_veto, end_transaction
+from middlestorm.lifecycle import (
+    CommitVeto,
+    abort_quietly,
+    begin_transaction,
+    default_commit_veto,
+    end_transaction,
+    under_way,
+)
 from middlestorm.replay import ReplayableInput
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify, sqlstate
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
@@ -439,7 +446,7 @@ class _Exchange:
         for unclosed in list(exchanges.values()) if self._bind else [exchanges.get(id(manager))]:
             if unclosed is not None:
                 unclosed.abandon()
-        manager.begin()
+        begin_transaction(manager)
         exchanges[id(manager)] = self
         if self._bind:
             self._token = context.bind(self.stores)
@@ -585,6 +592,12 @@ class _Exchange:
         :raises: what the veto or the commit raised, after aborting.
         """
         if self.ended:
+            return
+        if threading.get_ident() == self.stores.thread and not under_way(
+            self.registry.transaction_manager
+        ):  # no store (nor the app) used a transaction: none to end
+            self.ended = True
+            self._done("no transaction")
             return
         veto = self.middleware.commit_veto
         try:

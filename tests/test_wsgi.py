@@ -20,8 +20,9 @@ from middlestorm import (
     get_store,
     make_middleware,
 )
+from middlestorm.lifecycle import under_way
 from tests.conftest import make_database
-from tests.helpers import call, start, streaming
+from tests.helpers import DataManager, call, start, streaming
 from tests.models import Note, Tag
 
 
@@ -404,6 +405,109 @@ def test_a_request_that_never_uses_a_store_opens_no_connection(pg, wrap):
     call(wrap(app))
 
     assert pg.backends() == 0
+
+
+class Recorder(DataManager):
+    """A data manager that records how its transaction ended."""
+
+    def __init__(self) -> None:
+        self.transaction_manager = transaction.manager
+        self.calls: list[str] = []
+
+    def abort(self, txn) -> None:
+        self.calls.append("abort")
+
+    def tpc_finish(self, txn) -> None:
+        self.calls.append("commit")
+
+
+class NewTransactions:
+    """A synchronizer that counts the transactions begun."""
+
+    def __init__(self) -> None:
+        self.begun = 0
+
+    def newTransaction(self, txn) -> None:
+        self.begun += 1
+
+    def beforeCompletion(self, txn) -> None:
+        pass
+
+    def afterCompletion(self, txn) -> None:
+        pass
+
+
+def test_a_request_that_never_uses_a_store_begins_no_transaction(db, wrap):
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(under_way(transaction.manager))
+        start_response("200 OK", [])
+        return [b"static"]
+
+    call(wrap(app))
+
+    assert seen == [False]
+    assert not under_way(transaction.manager)
+
+
+def test_a_data_manager_the_app_joins_without_a_store_is_committed(db, wrap):
+    recorder = Recorder()
+
+    def app(environ, start_response):
+        transaction.get().join(recorder)
+        start_response("200 OK", [])
+        return [b""]
+
+    call(wrap(app))
+
+    assert recorder.calls == ["commit"]
+
+
+def test_a_transaction_the_app_dooms_without_a_store_is_aborted(db, wrap):
+    recorder = Recorder()
+
+    def app(environ, start_response):
+        transaction.get().join(recorder)
+        transaction.doom()
+        start_response("200 OK", [])
+        return [b""]
+
+    call(wrap(app))
+
+    assert recorder.calls == ["abort"]
+
+
+def test_a_transaction_left_open_before_the_request_is_aborted_not_joined(db, wrap):
+    leftover = Recorder()
+    transaction.get().join(leftover)  # earlier code on this thread never ended it
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("own transaction"))
+        start_response("200 OK", [])
+        return [b""]
+
+    call(wrap(app))
+
+    assert leftover.calls == ["abort"]
+    assert db.notes() == ["own transaction"]
+
+
+def test_a_registered_synchronizer_hears_of_a_transaction_for_every_request(db, wrap):
+    synchronizer = NewTransactions()
+    transaction.manager.registerSynch(synchronizer)
+    try:
+
+        def app(environ, start_response):
+            start_response("200 OK", [])
+            return [b""]
+
+        for _ in range(3):
+            call(wrap(app))
+    finally:
+        transaction.manager.unregisterSynch(synchronizer)
+
+    assert synchronizer.begun == 3
 
 
 def test_a_request_sends_what_hand_written_storm_code_sends(db, wrap, tracer):
