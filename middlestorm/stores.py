@@ -29,7 +29,7 @@ from storm.store import Store
 from storm.zope.zstorm import ZStorm, register_store_with_transaction
 from transaction.interfaces import ITransaction, ITransactionManager
 
-from middlestorm import datamanager, twophase
+from middlestorm import datamanager, handoff, twophase
 from middlestorm.databases import DatabaseSpec, open_database
 from middlestorm.errors import ConfigurationError, UnknownStoreError, WrongThreadError
 
@@ -61,6 +61,10 @@ class StoreRegistry(ZStorm):
         two-phase commit, so that all of them commit or none does
         (:mod:`middlestorm.twophase`; PostgreSQL only, with
         ``max_prepared_transactions`` set).
+    :param spare_connections: how many PostgreSQL connections of ended
+        threads are kept, per database, for new threads to take
+        (:mod:`middlestorm.handoff`); 0 closes each with its thread.
+    :param spare_timeout: seconds a spare connection is kept before it is closed.
     :raises ConfigurationError: for a ``transaction.TransactionManager``,
         whose one transaction every thread would share; with ``two_phase``,
         for a database other than PostgreSQL.
@@ -75,9 +79,25 @@ class StoreRegistry(ZStorm):
         default: str | None = None,
         transaction_manager: ITransactionManager | None = None,
         two_phase: bool = False,
+        spare_connections: int = 8,
+        spare_timeout: float = 30.0,
     ) -> None:
         super().__init__()
         self.two_phase = two_phase
+        if (
+            not isinstance(spare_connections, int)
+            or isinstance(spare_connections, bool)
+            or spare_connections < 0
+        ):
+            raise ConfigurationError(
+                f"spare_connections must be a whole number >= 0, not {spare_connections!r}"
+            )
+        if not isinstance(spare_timeout, (int, float)) or not spare_timeout > 0:
+            raise ConfigurationError(
+                f"spare_timeout must be a number of seconds > 0, not {spare_timeout!r}"
+            )
+        self.spare_connections = spare_connections
+        self.spare_timeout = float(spare_timeout)
         # ZStorm caches databases in a class attribute, shared by every
         # instance; each registry keeps its own.
         self._databases: dict[str, Database] = {}
@@ -125,6 +145,7 @@ class StoreRegistry(ZStorm):
         if self.two_phase:
             twophase.check_database(name, database)
             self.set_default_tpc(name, True)
+        handoff.install(database, self.spare_connections, self.spare_timeout)
         self._default_databases[name] = database
         self._default_uris[name] = shown
 
@@ -180,6 +201,12 @@ class StoreRegistry(ZStorm):
             self.remove(store)
             _close(store)
 
+    def close(self) -> None:
+        """Close the calling thread's stores and the spare connections, as the server stops."""
+        self.release()
+        for database in self._default_databases.values():
+            handoff.close_spares(database)
+
     def _get_database(self, uri: str) -> Database:
         database = self._databases.get(uri)
         if database is None:
@@ -218,9 +245,18 @@ class _ThreadStores:
 
 
 def _close_all(stores: list[Store], pid: int) -> None:
-    closing = _close if os.getpid() == pid else _abandon
+    closing = _retire if os.getpid() == pid else _abandon
     for store in stores:
         closing(store)
+
+
+def _retire(store: Store) -> None:
+    """Close a store whose thread ended, handing its connection to the next thread."""
+    try:
+        handoff.hand_over(store)
+    except Exception:
+        log.debug("handing a connection over failed", exc_info=True)
+    _close(store)
 
 
 def _close(store: Store) -> None:

@@ -77,8 +77,8 @@ def test_a_store_is_created_on_first_use_only(pg):
         registry.release()
 
 
-def test_a_stores_connection_is_closed_when_its_thread_ends(pg):
-    registry = StoreRegistry({"main": pg.uri})
+def test_a_stores_connection_is_closed_when_its_thread_ends_without_spares(pg):
+    registry = StoreRegistry({"main": pg.uri}, spare_connections=0)
 
     def use_store():
         registry.get().find(Note).count()
@@ -89,7 +89,7 @@ def test_a_stores_connection_is_closed_when_its_thread_ends(pg):
     assert wait_for(lambda: pg.backends() == 0)
 
 
-def test_many_short_lived_threads_leave_no_connections_behind(pg):
+def test_many_short_lived_threads_leave_no_connections_behind_once_closed(pg):
     registry = StoreRegistry({"main": pg.uri})
 
     def request(number):
@@ -105,6 +105,8 @@ def test_many_short_lived_threads_leave_no_connections_behind(pg):
             thread.join(30)
 
     assert len(pg.notes()) == 60
+    assert pg.backends() <= registry.spare_connections
+    registry.close()
     assert wait_for(lambda: pg.backends() == 0)
 
 

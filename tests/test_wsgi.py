@@ -967,7 +967,7 @@ def test_a_client_that_hangs_up_mid_stream_on_a_real_server_leaves_nothing_saved
     assert db.notes() == []
 
 
-def test_a_thread_per_request_server_commits_everything_and_keeps_no_connections(request, db):
+def test_a_thread_per_request_server_commits_everything_and_leaves_no_connections(request, db):
     import json
     import threading
     import urllib.request
@@ -1000,5 +1000,7 @@ def test_a_thread_per_request_server_commits_everything_and_keeps_no_connections
 
     assert sorted(db.notes()) == sorted(f"/{n}" for n in range(40))
     assert threading.get_ident() not in threads
+    server.shutdown()
+    middleware.registry.close()
     if db.kind == "postgres":
         assert wait_for(lambda: db.backends() == 0)

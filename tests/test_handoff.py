@@ -1,0 +1,204 @@
+"""Connections that outlive short threads: a thread's PostgreSQL connection goes to the next."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import transaction
+from werkzeug.serving import make_server
+
+from middlestorm import ConfigurationError, MiddleStorm, StoreRegistry
+from middlestorm.handoff import spare_count
+from tests.helpers import call, in_forked_child
+from tests.models import Note
+from tests.test_stores import in_thread, wait_for
+
+
+def backend_pid(registry: StoreRegistry) -> int:
+    """The backend of the calling thread's store, in a transaction committed at once."""
+    pid = registry.get().execute("SELECT pg_backend_pid()").get_one()[0]
+    transaction.commit()
+    return pid
+
+
+def handed_over(registry: StoreRegistry, count: int = 1) -> bool:
+    return wait_for(lambda: spare_count(registry.database()) == count)
+
+
+@pytest.fixture
+def closing():
+    """Close the registries given to it (their spare connections too) after the test."""
+    made: list[StoreRegistry] = []
+
+    def closing(registry: StoreRegistry) -> StoreRegistry:
+        made.append(registry)
+        return registry
+
+    yield closing
+    for registry in made:
+        registry.close()
+
+
+def test_a_new_thread_takes_the_connection_of_a_thread_that_ended(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+
+    first = in_thread(lambda: backend_pid(registry))
+    assert handed_over(registry)
+    second = in_thread(lambda: backend_pid(registry))
+
+    assert second == first
+    assert pg.backends() == 1
+
+
+def test_a_handed_over_connection_keeps_nothing_of_the_ended_threads_transaction(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+
+    def leave_uncommitted() -> int:
+        store = registry.get()
+        store.add(Note("never committed"))
+        store.flush()
+        return store.execute("SELECT pg_backend_pid()").get_one()[0]
+
+    first = in_thread(leave_uncommitted)
+    assert handed_over(registry)
+
+    def commit_own() -> int:
+        registry.get().add(Note("committed"))
+        return backend_pid(registry)
+
+    assert in_thread(commit_own) == first
+    assert pg.notes() == ["committed"]
+
+
+def test_no_more_connections_than_spare_connections_are_kept(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}, spare_connections=2))
+    barrier = threading.Barrier(5)
+
+    def use_store() -> None:
+        barrier.wait(10)  # five connections open at once
+        backend_pid(registry)
+        barrier.wait(10)
+
+    with ThreadPoolExecutor(5) as pool:
+        list(pool.map(lambda _: use_store(), range(5)))
+
+    assert wait_for(lambda: pg.backends() == 2)
+    assert spare_count(registry.database()) == 2
+
+
+def test_spare_connections_are_closed_once_kept_for_spare_timeout(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}, spare_timeout=0.2))
+
+    in_thread(lambda: backend_pid(registry))
+
+    assert wait_for(lambda: pg.backends() == 0)
+    assert spare_count(registry.database()) == 0
+
+
+def test_closing_the_registry_closes_its_spare_connections(pg):
+    registry = StoreRegistry({"main": pg.uri})
+    in_thread(lambda: backend_pid(registry))
+    assert handed_over(registry)
+
+    registry.close()
+
+    assert wait_for(lambda: pg.backends() == 0)
+
+
+def test_a_spare_connection_the_server_ended_costs_no_request(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+    middleware = MiddleStorm(lambda environ, start_response: app(environ, start_response), registry)
+
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("after the kill"))
+        start_response("200 OK", [])
+        return [b"saved"]
+
+    stale = in_thread(lambda: backend_pid(registry))
+    assert handed_over(registry)
+    pg.run(f"SELECT pg_terminate_backend({stale})")
+
+    exchange = in_thread(lambda: call(middleware))
+
+    assert exchange.status == "200 OK"
+    assert pg.notes() == ["after the kill"]
+
+
+def test_a_thread_per_request_server_opens_about_as_many_connections_as_clients(
+    request, pg, closing
+):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+
+    def app(environ, start_response):
+        store = environ["storm.store"]
+        store.add(Note(environ["PATH_INFO"]))
+        pid = store.execute("SELECT pg_backend_pid()").get_one()[0]
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(pid).encode()]
+
+    server = make_server("127.0.0.1", 0, MiddleStorm(app, registry), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    request.addfinalizer(server.server_close)
+    request.addfinalizer(server.shutdown)
+
+    def fetch(number: int) -> int:
+        url = f"http://127.0.0.1:{server.server_port}/{number}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.load(response)
+
+    with ThreadPoolExecutor(8) as clients:
+        backends = list(clients.map(fetch, range(200)))
+
+    assert len(pg.notes()) == 200
+    # A new thread may start before the one whose client it serves next has
+    # ended and handed its connection over: a few more than the clients.
+    assert len(set(backends)) <= 2 * 8
+    server.shutdown()
+    registry.close()
+    assert wait_for(lambda: pg.backends() == 0)
+
+
+def test_sqlite_connections_are_never_handed_over(tmp_path, closing):
+    from tests.conftest import make_database
+
+    db = make_database("sqlite", tmp_path)
+    registry = closing(StoreRegistry({"main": db.uri}))
+
+    def write(body: str) -> None:
+        registry.get().add(Note(body))
+        transaction.commit()
+
+    in_thread(lambda: write("first"))
+    in_thread(lambda: write("second"))
+
+    assert spare_count(registry.database()) == 0
+    assert db.notes() == ["first", "second"]
+
+
+def test_a_forked_child_never_takes_its_parents_spare_connection(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+    parents = in_thread(lambda: backend_pid(registry))
+    assert handed_over(registry)
+
+    childs = in_forked_child(lambda: backend_pid(registry))
+
+    assert childs != parents
+    assert in_thread(lambda: backend_pid(registry)) == parents  # the parent's is intact
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"spare_connections": -1}, "spare_connections must be a whole number >= 0"),
+        ({"spare_connections": 1.5}, "spare_connections must be a whole number >= 0"),
+        ({"spare_timeout": 0}, "spare_timeout must be a number of seconds > 0"),
+        ({"spare_timeout": "30"}, "spare_timeout must be a number of seconds > 0"),
+    ],
+)
+def test_bad_spare_settings_are_refused_with_a_message_that_names_them(options, message):
+    with pytest.raises(ConfigurationError, match=message):
+        StoreRegistry({"main": "sqlite:"}, **options)
