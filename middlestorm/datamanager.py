@@ -13,9 +13,10 @@ a retry policy need to know:
 * after a failed COMMIT the connection is left ready for the rollback that
   follows, so it can be reused (Storm's SQLite connection forgets that
   SQLite kept the transaction open, and its next BEGIN would fail);
-* a store in two-phase mode follows :mod:`middlestorm.twophase`: prepared in
-  ``tpc_vote`` (not in ``commit``, as Storm's), the deciding store first,
-  and never rolled back once the decision to commit was made.
+* in a two-phase registry, a transaction several stores joined commits as
+  :mod:`middlestorm.twophase` says: the decider records the decision, the
+  others prepare in ``tpc_vote``, and none is rolled back once the decider
+  committed.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
         raise WrongThreadError.for_store(f"a store of {registry!r}")
     txn = registry.transaction_manager.get()
     manager = StoreDataManager(store, registry)
-    if store._tpc:
+    txn.join(manager)
+    if registry.two_phase:
         manager.name = registry.get_name(store)
         manager.two_phase = twophase.for_transaction(registry, txn)
-        manager.two_phase.begin(store, manager.name)
-    txn.join(manager)
+        manager.two_phase.participants += 1
     timeouts.apply(store)
     return False  # joined once per transaction: hooked again when it ends
 
@@ -92,43 +93,33 @@ def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
 class StoreDataManager(StormDataManager):
     """Storm's data manager for one store in one transaction, with retry and in-doubt errors.
 
-    A store in two-phase mode (``store._tpc``) is prepared in ``tpc_vote``
-    and ended by :mod:`middlestorm.twophase`'s rules.
+    In a two-phase registry, :mod:`middlestorm.twophase` decides how a store
+    votes, commits and aborts.
     """
 
-    #: The transaction's two-phase commit, for a store in two-phase mode.
+    #: The transaction's two-phase commit, in a two-phase registry.
     two_phase: twophase.Commit | None = None
-    #: The store's name in its registry (two-phase mode only).
+    #: The store's name in its registry (two-phase registries only).
     name = ""
 
     def abort(self, txn: Any) -> None:
         try:
-            self._end_aborted()
+            if self.two_phase is None:
+                self._store.rollback()
+            else:
+                self.two_phase.settle(self._store, self.name)
         finally:
             self._hook_register_transaction_event()
 
-    def _end_aborted(self) -> None:
-        if self.two_phase is None:
-            self._store.rollback()
-        elif not self._finished:
-            self.two_phase.settle(self._store, self.name)
-            self._finished = True
-
-    _finished = False
-
     def commit(self, txn: Any) -> None:
-        """Nothing: Storm prepares a two-phase store here, this one in ``tpc_vote``."""
+        """Nothing: stores write in ``tpc_begin`` (a flush) and prepare in ``tpc_vote``."""
 
     def tpc_vote(self, txn: Any) -> None:
         if self.two_phase is not None:
             self.two_phase.vote(self._store, self.name, txn)
 
     def tpc_abort(self, txn: Any) -> None:
-        if self.two_phase is not None:
-            try:
-                self._end_aborted()
-            finally:
-                self._hook_register_transaction_event()
+        self.abort(txn)
 
     def sortKey(self) -> str:
         if self.two_phase is None:
@@ -143,10 +134,13 @@ class StoreDataManager(StormDataManager):
         committed_before = txn.extension.get(COMMITTED_STORES, 0)
         token = _finishing.set(True)
         try:
-            self._store.commit()
+            if self.two_phase is None:
+                self._store.commit()
+            else:
+                self.two_phase.finish(self._store, self.name, self._store.commit)
+        except (CommitInDoubtError, twophase.CommitRolledBack):
+            raise
         except Exception as error:
-            if self.two_phase is not None and self.two_phase.decided:
-                raise self._left_prepared(error) from error
             if isinstance(error, DisconnectionError):
                 raise CommitInDoubtError(
                     "the connection was lost during the COMMIT: the database may or may not "
@@ -167,24 +161,9 @@ class StoreDataManager(StormDataManager):
             raise
         finally:
             _finishing.reset(token)
-        if self.two_phase is not None:
-            self._finished = True
-            self.two_phase.finished_branch(self.name)
         txn.extension[COMMITTED_STORES] = committed_before + 1
         work.note_commit()
         self._hook_register_transaction_event()
-
-    def _left_prepared(self, error: Exception) -> CommitInDoubtError:
-        """A branch of a committed two-phase transaction that could not be committed."""
-        assert self.two_phase is not None
-        self._finished = True  # never rolled back: recovery commits it
-        twophase.detach(self._store)
-        return CommitInDoubtError(
-            f"the transaction {self.two_phase.gtrid} is committed, but the COMMIT PREPARED "
-            f"of the store {self.name!r} failed ({type(error).__name__}: {str(error).strip()}); "
-            "its part stays prepared, holding its locks, until "
-            "middlestorm.twophase.recover() commits it"
-        )
 
     def should_retry(self, error: BaseException) -> bool:
         """Whether ``error`` ended an attempt that may be run again (``transaction``'s API)."""

@@ -144,10 +144,19 @@ class StoreRegistry(ZStorm):
         database, shown = open_database(spec)
         if self.two_phase:
             twophase.check_database(name, database)
-            self.set_default_tpc(name, True)
         handoff.install(database, self.spare_connections, self.spare_timeout)
         self._default_databases[name] = database
         self._default_uris[name] = shown
+
+    def set_default_tpc(self, name: str, default_flag: bool) -> None:
+        """Refused: Storm's own two-phase mode; ``StoreRegistry(two_phase=True)`` replaces it.
+
+        :raises ConfigurationError: always.
+        """
+        raise ConfigurationError(
+            "a StoreRegistry does not take Storm's set_default_tpc(): create it with "
+            "two_phase=True for two-phase commit across its stores (middlestorm.twophase)"
+        )
 
     def get(self, name: str | None = None, default_uri: str | None = None) -> Store:
         """Return this thread's store called ``name``, creating it on first use.

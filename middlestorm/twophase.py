@@ -1,32 +1,31 @@
 """Two-phase commit across a registry's PostgreSQL stores, and recovery after a crash.
 
 With ``StoreRegistry(..., two_phase=True)``, a transaction that more than one
-store joined commits in two phases, so that every database commits or none
-does:
+store joined commits so that every database commits or none does:
 
-1. every store's transaction is prepared (``PREPARE TRANSACTION``); the first
-   store to have joined, the *decider*, first writes the decision to commit
-   into its own transaction (a row of ``middlestorm_twophase``);
-2. the decider's transaction is committed: from then on the whole transaction
-   is committed, whatever happens next; then the others' (``COMMIT PREPARED``).
+1. the first store in name order, the *decider*, writes the decision to
+   commit into its own transaction (a row of ``middlestorm_twophase``);
+2. every other store's transaction is prepared (``PREPARE TRANSACTION``);
+3. the decider's transaction is committed, in one phase: from then on the
+   whole transaction is committed, whatever happens next;
+4. the others are committed (``COMMIT PREPARED``).
 
-A transaction only one store joined commits in one phase, as it would without
-two-phase commit: no PREPARE, no decision row.
+A transaction only one store joined commits in one phase, as it would
+without two-phase commit.
 
-A crash between the phases (of the process, a database or the network) leaves
-prepared transactions behind, holding their locks. :func:`recover` resolves
-them: a transaction whose decider is still prepared is rolled back (nothing of
-it was committed), one whose decision row exists is committed, and any other
-is rolled back (its decider was rolled back). :func:`in_doubt` lists them.
-Recovery only touches the transactions of a registry configured like the
-one it is given (same store names and URIs): another application's prepared
-transactions, even in the same databases, are left alone.
+When the decider's COMMIT may or may not have happened (its connection was
+lost), the outcome is settled at once, on a connection of its own: a
+decision row marked rolled back is written unless the decider's is there;
+the unique key makes whichever came first win. :func:`recover` settles, the
+same way, transactions a crash left prepared, so it never guesses from the
+age of a transaction, and may run while the application runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,9 +37,9 @@ from storm.database import STATE_RECONNECT
 from storm.databases.postgres import Postgres
 from storm.exceptions import DisconnectionError
 from storm.store import Store
-from storm.xid import Xid
+from transaction.interfaces import TransientError
 
-from middlestorm.errors import ConfigurationError
+from middlestorm.errors import CommitInDoubtError, ConfigurationError, MiddleStormError
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
@@ -48,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOG_TABLE",
     "LOG_TABLE_SQL",
+    "CommitRolledBack",
     "PreparedBranch",
     "Resolution",
     "in_doubt",
@@ -56,119 +56,203 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The table, in each database of a two-phase registry, that records decisions to commit.
+#: The table, in the deciding store's database, that records decisions.
 LOG_TABLE = "middlestorm_twophase"
 #: The statement that makes it (middlestorm runs it when first needed).
 LOG_TABLE_SQL = (
-    f"CREATE TABLE IF NOT EXISTS {LOG_TABLE} "
-    "(gtrid text PRIMARY KEY, decided_at timestamptz NOT NULL DEFAULT now())"
+    f"CREATE TABLE IF NOT EXISTS {LOG_TABLE} (gtrid text PRIMARY KEY, "
+    "committed boolean NOT NULL, decided_at timestamptz NOT NULL DEFAULT clock_timestamp())"
 )
-#: How every middlestorm global transaction id begins.
-GTRID_PREFIX = "ms2pc-"
-#: The longest store name two-phase commit takes: an XA branch qualifier
-#: holds 64 bytes, the role included.
-MAX_NAME = 56
-_DECIDER = "decider:"
-_BRANCH = "branch:"
-_UNDEFINED_OBJECT = "42704"  # COMMIT/ROLLBACK PREPARED of a gid that is gone
+#: How every prepared transaction of middlestorm's is named.
+PREFIX = "middlestorm:"
+#: The store names two-phase commit takes: they name the prepared transactions.
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_GID = re.compile(
+    r"middlestorm:(?P<id>[0-9a-f]{32}):(?P<key>[0-9a-f]{8}):"
+    r"(?P<decider>[A-Za-z0-9_.-]{1,64}):(?P<branch>[A-Za-z0-9_.-]{1,64})"
+)
+_UNDEFINED_OBJECT = "42704"  # COMMIT/ROLLBACK PREPARED of a transaction that is gone
+#: How long settling an outcome waits for a decider still committing.
+LOCK_TIMEOUT = "10s"
+
+
+class CommitRolledBack(MiddleStormError, TransientError):
+    """The deciding COMMIT's connection was lost, and the transaction was found rolled back.
+
+    Nothing of it was committed, so it may be run again.
+    """
 
 
 def check_database(name: str, database: object) -> None:
     """Refuse a store two-phase commit cannot include.
 
-    :raises ConfigurationError: for a database other than PostgreSQL, or a long name.
+    :raises ConfigurationError: for a database other than PostgreSQL, or a
+        name that cannot be part of a prepared transaction's id.
     """
     if not isinstance(database, Postgres):
         raise ConfigurationError(
             f"two-phase commit needs PostgreSQL, and the store {name!r} is "
             f"{type(database).__name__}: use a registry without two_phase for it"
         )
-    if len(name.encode()) > MAX_NAME:
+    if not _NAME.fullmatch(name):
         raise ConfigurationError(
-            f"two-phase commit takes store names of up to {MAX_NAME} bytes; "
-            f"{name!r} is longer (it names the store's branch of each transaction)"
+            f"two-phase commit takes store names of 1 to 64 letters, digits, '_', '.' or '-' "
+            f"(they name its prepared transactions), not {name!r}"
         )
 
 
-def fingerprint(registry: StoreRegistry) -> str:
-    """What tells this registry's transactions from other applications': its stores."""
-    stores = "\n".join(f"{name}={uri}" for name, uri in sorted(registry._default_uris.items()))
-    return hashlib.sha256(stores.encode()).hexdigest()[:8]
+def database_key(registry: StoreRegistry, name: str) -> str:
+    """What tells the database of the store ``name`` from others: its URI, hashed."""
+    return hashlib.sha256(registry._default_uris[name].encode()).hexdigest()[:8]
 
 
 class Commit:
-    """The two-phase commit of one transaction: its id, its branches, how far it got."""
+    """The two-phase commit of one transaction: its decider, what is prepared, the outcome."""
 
     def __init__(self, registry: StoreRegistry) -> None:
         self.registry = registry
-        self.gtrid = f"{GTRID_PREFIX}{fingerprint(registry)}-{uuid4().hex}"
+        self.id = uuid4().hex
+        #: The registry's stores that joined the transaction.
+        self.participants = 0
         self.decider: str | None = None
-        self.branches = 0
-        self.finished = 0
-        self.prepared = False
-        #: Set once the decider committed: the transaction is committed.
-        self.decided = False
+        self.gtrid = ""
+        #: Stores whose PREPARE was sent (it may have happened even if it failed).
+        self.preparing: set[str] = set()
+        #: Stores committed (or rolled back) and done with.
+        self.finished: set[str] = set()
+        #: The decider's COMMIT was sent.
+        self.deciding = False
+        #: True once committed, False once rolled back; None before, or when unknown.
+        self.decided: bool | None = None
 
-    def begin(self, store: Store, name: str) -> None:
-        """Begin ``store``'s branch; the first store to join decides."""
-        if self.decider is None:
-            self.decider = name
-        self.branches += 1
-        role = _DECIDER if name == self.decider else _BRANCH
-        store.begin(Xid(0, self.gtrid, role + name))
+    def gid(self, name: str) -> str:
+        return f"{self.gtrid}:{name}"
 
-    def sort_key(self, name: str) -> str:
-        """The decider prepares and commits first (Storm sorts its TPC stores after others)."""
-        return f"zz_{0 if name == self.decider else 1}_{name}"
+    @staticmethod
+    def sort_key(name: str) -> str:
+        """Stores vote and commit in name order, after other data managers (as Storm's do)."""
+        return f"zz_{name}"
+
+    # -- the phases ---------------------------------------------------------
 
     def vote(self, store: Store, name: str, txn: Any) -> None:
-        """Prepare ``store``'s branch, unless it is the transaction's only participant."""
+        """Record the decision (the decider) or prepare (the others); nothing in one phase."""
         if len(txn._resources) == 1:
-            return  # one phase: psycopg2 commits a TPC transaction never prepared in one
-        if name == self.decider:
+            return
+        if self.decider is None:  # the first store to vote decides
+            self.decider = name
+            self.gtrid = f"{PREFIX}{self.id}:{database_key(self.registry, name)}:{name}"
             _ensure_log_table(self.registry, name)
             finished = _finished_decisions(self.registry).pop(name, None)
             if finished is not None:
-                store.execute(
-                    f"DELETE FROM {LOG_TABLE} WHERE gtrid = ?", (finished,), noresult=True
-                )
+                store.execute(f"DELETE FROM {LOG_TABLE} WHERE gtrid = ?", (finished,))
             store.execute(
-                f"INSERT INTO {LOG_TABLE} (gtrid) VALUES (?)", (self.gtrid,), noresult=True
+                f"INSERT INTO {LOG_TABLE} (gtrid, committed) VALUES (?, true)",
+                (self.gtrid,),
+                noresult=True,
             )
-        store.prepare()
-        self.prepared = True
+            return
+        self.preparing.add(name)
+        store.execute("PREPARE TRANSACTION ?", (self.gid(name),), noresult=True)
 
-    def finished_branch(self, name: str) -> None:
-        """Note that ``name``'s branch committed."""
-        if name == self.decider:
-            self.decided = True
-        self.finished += 1
-        if self.prepared and self.finished == self.branches and self.decider is not None:
-            # Every branch committed: the decision row can go, with the thread's next one.
+    def finish(self, store: Store, name: str, commit_store: Any) -> None:
+        """Commit ``store``'s part: the decider's COMMIT, or a COMMIT PREPARED.
+
+        ``commit_store()`` commits the decider as a one-phase store is.
+
+        :raises: what the decider's COMMIT raised, unless its outcome could be
+            settled as committed; for another store, only when its prepared
+            transaction cannot be committed now.
+        """
+        if name not in self.preparing:
+            if name == self.decider:
+                self._finish_decider(commit_store)
+            else:
+                commit_store()  # one phase
+            self.finished.add(name)
+        else:
+            self._end_prepared(store, name, commit=True)
+        if self.decider is not None and self.decided and len(self.finished) == self.participants:
+            # Every part committed: the decision row can go, with the thread's next one.
             _finished_decisions(self.registry)[self.decider] = self.gtrid
 
-    def settle(self, store: Store, name: str) -> None:
-        """End a branch the transaction aborts: committed if the decider was, else rolled back.
-
-        A prepared branch of a committed transaction is committed now if its
-        connection allows, and otherwise left prepared for :func:`recover`.
-        """
-        if not (self.decided and self.prepared):
-            store.rollback()
-            return
+    def _finish_decider(self, commit_store: Any) -> None:
+        self.deciding = True
         try:
-            store.commit()
+            commit_store()
+        except DisconnectionError as error:
+            self.decided = _settle(self.registry, self.decider or "", self.gtrid)
+            if self.decided:
+                log.warning(
+                    "the connection was lost during the COMMIT of %s; the decision to "
+                    "commit is recorded, so the transaction is committed",
+                    self.gtrid,
+                )
+                return
+            if self.decided is False:
+                raise CommitRolledBack(
+                    f"the connection was lost during the COMMIT of {self.gtrid}, which was "
+                    "found rolled back: nothing of it was committed"
+                ) from error
+            raise CommitInDoubtError(
+                f"the connection was lost during the COMMIT of {self.gtrid}, and its outcome "
+                "could not be settled: its other parts stay prepared until "
+                "middlestorm.twophase.recover() settles them"
+            ) from error
         except Exception:
-            log.exception(
-                "the transaction %s is committed, but the COMMIT PREPARED of the store %r "
-                "failed: its branch stays prepared until middlestorm.twophase.recover() "
-                "commits it",
+            self.decided = False
+            raise
+        self.decided = True
+
+    def settle(self, store: Store, name: str) -> None:
+        """End the part of a store the transaction aborts, as the decision says.
+
+        A prepared part is committed if the decider committed, left prepared
+        for :func:`recover` if that is unknown, and rolled back otherwise.
+        """
+        if name in self.finished:
+            return
+        self.finished.add(name)
+        if name not in self.preparing:
+            store.rollback()
+        elif self.decided is None and self.deciding:
+            log.error(
+                "the outcome of %s is unknown: the part of the store %r stays prepared, "
+                "holding its locks, until middlestorm.twophase.recover() settles it",
                 self.gtrid,
                 name,
             )
-            detach(store)
+            _reset(store, lost=True)
         else:
-            self.finished_branch(name)
+            try:
+                self._end_prepared(store, name, commit=bool(self.decided))
+            except Exception:
+                log.exception("ending the prepared part of the store %r failed", name)
+
+    def _end_prepared(self, store: Store, name: str, *, commit: bool) -> None:
+        """COMMIT or ROLLBACK PREPARED on the store's connection, else on one of its own."""
+        verb = "COMMIT" if commit else "ROLLBACK"
+        gid = self.gid(name)
+        self.finished.add(name)
+        try:
+            store.execute(f"{verb} PREPARED ?", (gid,), noresult=True)
+        except Exception as error:
+            if _pgcode(error) == _UNDEFINED_OBJECT:  # settled already, by recover()
+                _reset(store)
+                return
+            _reset(store, lost=True)
+            if _end_elsewhere(self.registry, name, gid, commit):
+                return
+            if commit:
+                raise CommitInDoubtError(
+                    f"the transaction {self.gtrid} is committed, but the COMMIT PREPARED of "
+                    f"the store {name!r} failed ({type(error).__name__}: "
+                    f"{str(error).strip()}); its part stays prepared, holding its locks, "
+                    "until middlestorm.twophase.recover() commits it"
+                ) from error
+            log.error("%s could not be rolled back now; recover() will", gid)
+            return
+        _reset(store)
 
 
 def for_transaction(registry: StoreRegistry, txn: Any) -> Commit:
@@ -188,6 +272,38 @@ def _finished_decisions(registry: StoreRegistry) -> dict[str, str]:
     return decisions
 
 
+def _reset(store: Store, *, lost: bool = False) -> None:
+    """After a prepared transaction ended (or was left to recovery): a store ready for the next.
+
+    The session is out of its transaction, which psycopg2 does not know: a
+    ROLLBACK (a no-op for the server) tells it. A lost connection is closed
+    without one, so that nothing prepared is touched; Storm reconnects.
+    """
+    connection = store._connection
+    if lost:
+        raw, connection._raw_connection = connection._raw_connection, None
+        connection._state = STATE_RECONNECT
+        if raw is not None:
+            try:
+                raw.close()
+            except Exception:
+                log.debug("closing a connection failed", exc_info=True)
+    store.invalidate()
+    try:
+        store.rollback()
+    except Exception:
+        log.debug("resetting a store failed", exc_info=True)
+
+
+def _pgcode(error: BaseException) -> str | None:
+    while error is not None:
+        code = getattr(error, "pgcode", None) or getattr(error, "_pgcode", None)
+        if code:
+            return str(code)
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return None
+
+
 _ensure_lock = threading.Lock()
 
 
@@ -197,22 +313,25 @@ def _ensure_log_table(registry: StoreRegistry, name: str) -> None:
     if name in ensured:
         return
     with _ensure_lock:
-        if name in ensured:
-            return
-        with _raw_connection(registry, name) as raw:
-            cursor = raw.cursor()
-            if not _has_log_table(cursor):
-                try:
-                    cursor.execute(LOG_TABLE_SQL)
-                except Exception as error:
-                    if not _has_log_table(cursor):  # another process may have made it
-                        raise ConfigurationError(
-                            f"two-phase commit records its decisions in a table {LOG_TABLE} "
-                            f"in the database of the store {name!r}, which could not be "
-                            f"created ({type(error).__name__}: {str(error).strip()}); "
-                            f"create it there: {LOG_TABLE_SQL}"
-                        ) from error
-        ensured.add(name)
+        if name not in ensured:
+            with _raw_connection(registry, name) as raw:
+                _make_log_table(raw.cursor(), name)
+            ensured.add(name)
+
+
+def _make_log_table(cursor: Any, name: str) -> None:
+    if _has_log_table(cursor):
+        return
+    try:
+        cursor.execute(LOG_TABLE_SQL)
+    except Exception as error:
+        if not _has_log_table(cursor):  # another process may have made it meanwhile
+            raise ConfigurationError(
+                f"two-phase commit records its decisions in a table {LOG_TABLE} in the "
+                f"database of the store {name!r}, which could not be created "
+                f"({type(error).__name__}: {str(error).strip()}); create it there: "
+                f"{LOG_TABLE_SQL}"
+            ) from error
 
 
 def _has_log_table(cursor: Any) -> bool:
@@ -235,22 +354,48 @@ def _raw_connection(registry: StoreRegistry, name: str) -> Iterator[Any]:
         raw.close()
 
 
-def detach(store: Store) -> None:
-    """Drop a store's connection without ending its prepared transaction.
+def _settle(registry: StoreRegistry, decider: str, gtrid: str) -> bool | None:
+    """The outcome of ``gtrid``, fixed for good: True committed, False rolled back.
 
-    The prepared transaction outlives the session; closing the session (rather
-    than rolling back, as Storm would) leaves it for :func:`recover`.
+    Writes a decision to roll back unless the decider's decision to commit is
+    there; if the decider's transaction is still open, the INSERT waits for it
+    (up to :data:`LOCK_TIMEOUT`). None when the database cannot tell.
     """
-    connection = store._connection
-    raw, connection._raw_connection = connection._raw_connection, None
-    connection._two_phase_transaction = False
-    connection._state = STATE_RECONNECT
-    if raw is not None:
-        try:
-            raw.close()
-        except Exception:
-            log.debug("closing a connection failed", exc_info=True)
-    store.rollback()  # forgets the store's pending changes; sends nothing
+    try:
+        with _raw_connection(registry, decider) as raw:
+            cursor = raw.cursor()
+            cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+            _make_log_table(cursor, decider)
+            cursor.execute(
+                f"INSERT INTO {LOG_TABLE} (gtrid, committed) VALUES (%s, false) "
+                "ON CONFLICT (gtrid) DO NOTHING",
+                (gtrid,),
+            )
+            cursor.execute(f"SELECT committed FROM {LOG_TABLE} WHERE gtrid = %s", (gtrid,))
+            return bool(cursor.fetchone()[0])
+    except Exception:
+        log.exception("the outcome of %s could not be settled", gtrid)
+        return None
+
+
+def _end_elsewhere(registry: StoreRegistry, name: str, gid: str, commit: bool) -> bool:
+    """COMMIT or ROLLBACK PREPARED ``gid`` on a new connection; false if that failed."""
+    verb = "COMMIT" if commit else "ROLLBACK"
+    try:
+        with _raw_connection(registry, name) as raw:
+            _end(raw.cursor(), verb, gid)
+    except Exception:
+        log.warning("%s PREPARED %s failed", verb, gid, exc_info=True)
+        return False
+    return True
+
+
+def _end(cursor: Any, verb: str, gid: str) -> None:
+    try:
+        cursor.execute(f"{verb} PREPARED %s", (gid,))
+    except Exception as error:
+        if _pgcode(error) != _UNDEFINED_OBJECT:
+            raise
 
 
 # -- recovery ------------------------------------------------------------------
@@ -258,23 +403,21 @@ def detach(store: Store) -> None:
 
 @dataclass(frozen=True)
 class PreparedBranch:
-    """A branch of a two-phase transaction left prepared in one of a registry's databases."""
+    """A part of a two-phase transaction left prepared in one of a registry's databases."""
 
     #: The store whose database holds it (the first, if several share one).
     store: str
-    #: The global transaction id its branches share.
-    gtrid: str
-    #: ``decider:<store>`` or ``branch:<store>``: the store that prepared it.
-    branch: str
     #: Its id in ``pg_prepared_xacts.gid``.
     gid: str
+    #: The id its transaction's parts share (the gid without the store).
+    gtrid: str
+    #: The store that prepared it, and the store that decides its transaction.
+    branch: str
+    decider: str
     #: Seconds since it was prepared.
     age: float
-
-    @property
-    def decides(self) -> bool:
-        """Whether this is the branch whose commit commits the transaction."""
-        return self.branch.startswith(_DECIDER)
+    #: Whether this registry has the deciding store, so that recover() can settle it.
+    resolvable: bool
 
 
 @dataclass(frozen=True)
@@ -284,9 +427,9 @@ class Resolution:
     gtrid: str
     #: ``"committed"``, ``"rolled back"``, or ``"undecided"`` (left as it was).
     outcome: Literal["committed", "rolled back", "undecided"]
-    #: Its branches that were prepared when recovery began.
+    #: Its parts that were prepared when recovery began.
     branches: tuple[PreparedBranch, ...]
-    #: Those still prepared afterwards (they failed to resolve, or were left alone).
+    #: Those still prepared afterwards.
     left: tuple[PreparedBranch, ...]
     #: Why it ended so.
     reason: str
@@ -296,7 +439,7 @@ class _Databases:
     """One autocommit connection per distinct database of a registry, for recovery."""
 
     def __init__(self, registry: StoreRegistry) -> None:
-        self.prefix = f"{GTRID_PREFIX}{fingerprint(registry)}-"
+        self.registry = registry
         self.connections: dict[str, Any] = {}
         self.unreachable: dict[str, str] = {}
         seen: set[str] = set()
@@ -320,58 +463,65 @@ class _Databases:
             except Exception:
                 log.debug("closing a connection failed", exc_info=True)
 
-    def _query(self, name: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    def query(self, name: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
         cursor = self.connections[name].cursor()
         cursor.execute(statement, params)
         return cursor.fetchall() if cursor.description else []
 
-    def prepared(self) -> list[PreparedBranch]:
-        from psycopg2.extensions import Xid as RawXid
+    def connection_of(self, name: str) -> str | None:
+        """The connection (named for the first store on it) to the database of store ``name``."""
+        uris = self.registry._default_uris
+        return next((key for key in self.connections if uris[key] == uris[name]), None)
 
-        branches = []
+    def decider_of(self, decider: str, key: str) -> str | None:
+        """The registry's store that decides a transaction, if it has it."""
+        uris = self.registry._default_uris
+        if decider in uris and database_key(self.registry, decider) == key:
+            return decider
+        return None
+
+    def prepared(self) -> list[PreparedBranch]:
+        """Every middlestorm transaction part prepared in the registry's databases."""
+        branches: dict[str, PreparedBranch] = {}
         for name in self.connections:
-            rows = self._query(
+            rows = self.query(
                 name,
                 "SELECT gid, extract(epoch FROM now() - prepared) FROM pg_prepared_xacts "
-                "WHERE database = current_database() ORDER BY prepared",
+                "WHERE database = current_database() AND gid LIKE 'middlestorm:%%' "
+                "ORDER BY prepared",
             )
             for gid, age in rows:
-                xid = RawXid.from_string(gid)
-                if xid.format_id == 0 and (xid.gtrid or "").startswith(self.prefix):
-                    branches.append(PreparedBranch(name, xid.gtrid, xid.bqual, gid, float(age)))
-        return branches
+                match = _GID.fullmatch(gid)
+                if match is None or gid in branches:
+                    continue
+                decider = self.decider_of(match["decider"], match["key"])
+                branches[gid] = PreparedBranch(
+                    store=name,
+                    gid=gid,
+                    gtrid=gid.rsplit(":", 1)[0],
+                    branch=match["branch"],
+                    decider=match["decider"],
+                    age=float(age),
+                    resolvable=decider is not None,
+                )
+        return list(branches.values())
 
-    def decisions(self, gtrid: str | None = None) -> dict[str, list[tuple[str, float]]]:
-        """Per database with a decision table: its rows (all of ours, or ``gtrid``'s)."""
+    def decisions(self) -> dict[str, list[str]]:
+        """Per database with a decision table: the transactions it decided."""
         found = {}
         for name in self.connections:
-            if not self._query(name, "SELECT to_regclass(%s) IS NOT NULL", LOG_TABLE)[0][0]:
-                continue
-            rows = self._query(
-                name,
-                f"SELECT gtrid, extract(epoch FROM now() - decided_at) FROM {LOG_TABLE} "
-                "WHERE gtrid LIKE %s AND (%s IS NULL OR gtrid = %s)",
-                self.prefix + "%",
-                gtrid,
-                gtrid,
-            )
-            found[name] = [(row[0], float(row[1])) for row in rows]
+            if self.query(name, "SELECT to_regclass(%s) IS NOT NULL", LOG_TABLE)[0][0]:
+                rows = self.query(name, f"SELECT gtrid FROM {LOG_TABLE}")
+                found[name] = [gtrid for (gtrid,) in rows]
         return found
-
-    def finish(self, branch: PreparedBranch, commit: bool) -> bool:
-        """COMMIT or ROLLBACK PREPARED; False when the branch was already gone."""
-        verb = "COMMIT" if commit else "ROLLBACK"
-        try:
-            self._query(branch.store, f"{verb} PREPARED %s", branch.gid)
-        except Exception as error:
-            if getattr(error, "pgcode", None) == _UNDEFINED_OBJECT:
-                return False
-            raise
-        return True
 
 
 def in_doubt(registry: StoreRegistry) -> list[PreparedBranch]:
-    """The branches of ``registry``'s transactions left prepared, oldest first.
+    """The parts of middlestorm transactions left prepared in the registry's databases.
+
+    Those whose deciding store this registry lacks (another application's,
+    or this one's before its stores changed) are listed with
+    ``resolvable=False``: :func:`recover` leaves them alone.
 
     :raises DisconnectionError: when a database cannot be reached.
     """
@@ -385,91 +535,69 @@ def in_doubt(registry: StoreRegistry) -> list[PreparedBranch]:
         databases.close()
 
 
-def recover(registry: StoreRegistry, *, older_than: float = 60.0) -> list[Resolution]:
-    """Commit or roll back ``registry``'s transactions left prepared by a crash.
+def recover(registry: StoreRegistry) -> list[Resolution]:
+    """Commit or roll back the transactions a crash left prepared, as their decider decided.
 
-    Run it when a process of the application starts, or from a periodic job:
-    a prepared transaction keeps its locks until it is resolved.
+    Safe while the application runs: a transaction still committing is
+    waited for, never guessed at. Run it when a process starts, or from a
+    periodic job: a prepared transaction keeps its locks until it is settled.
 
-    :param older_than: leave alone transactions prepared less than this many
-        seconds ago, which may still be committing. ``0`` takes them all:
-        only when no process of the application is running.
     :returns: what was done, one :class:`Resolution` per transaction.
     """
-    if older_than < 0:
-        raise ValueError(f"older_than must be 0 or more seconds, not {older_than!r}")
     databases = _Databases(registry)
     try:
-        branches = databases.prepared()
+        # Decisions first: a decision visible now was made after all its parts
+        # were prepared, so the listing below shows any still prepared.
+        decisions = databases.decisions()
         groups: dict[str, list[PreparedBranch]] = {}
-        for branch in branches:
+        for branch in databases.prepared():
             groups.setdefault(branch.gtrid, []).append(branch)
-        resolutions = [
-            _resolve(databases, gtrid, tuple(group), older_than) for gtrid, group in groups.items()
-        ]
+        resolutions = [_resolve(databases, tuple(group)) for group in groups.values()]
         if not databases.unreachable:
-            _forget_decisions(databases, older_than, {r.gtrid for r in resolutions if r.left})
+            for name, gtrids in decisions.items():
+                for gtrid in gtrids:
+                    if gtrid not in groups:
+                        databases.query(name, f"DELETE FROM {LOG_TABLE} WHERE gtrid = %s", gtrid)
         return resolutions
     finally:
         databases.close()
 
 
-def _resolve(
-    databases: _Databases, gtrid: str, group: tuple[PreparedBranch, ...], older_than: float
-) -> Resolution:
-    if any(branch.age < older_than for branch in group):
+def _resolve(databases: _Databases, group: tuple[PreparedBranch, ...]) -> Resolution:
+    first = group[0]
+    if not first.resolvable:
         return Resolution(
-            gtrid, "undecided", group, group,
-            f"prepared less than {older_than:g} s ago: it may still be committing",
+            first.gtrid, "undecided", group, group,
+            f"its deciding store {first.decider!r} is not one of this registry's "
+            "(another application's, or this one's with other stores or URIs)",
         )  # fmt: skip
-    others = [branch for branch in group if not branch.decides]
-    commit: bool | None = None
-    reason = ""
-    decider = next((branch for branch in group if branch.decides), None)
-    if decider is not None:
-        try:
-            if databases.finish(decider, commit=False):
-                commit, reason = False, "its decider was still prepared: nothing had committed"
-        except Exception as error:
-            return Resolution(
-                gtrid, "undecided", group, group,
-                f"rolling back its decider failed: {type(error).__name__}: {str(error).strip()}",
-            )  # fmt: skip
+    commit = _settle(databases.registry, first.decider, first.gtrid)
     if commit is None:
-        if any(databases.decisions(gtrid).values()):
-            commit, reason = True, "its decision to commit is recorded"
-        elif databases.unreachable:
-            names = ", ".join(repr(name) for name in databases.unreachable)
-            return Resolution(
-                gtrid, "undecided", group, group,
-                f"no decision found, but the databases of {names} could not be reached",
-            )  # fmt: skip
-        else:
-            commit, reason = False, "no decision to commit is recorded: its decider rolled back"
+        return Resolution(
+            first.gtrid, "undecided", group, group,
+            f"the database of its deciding store {first.decider!r} could not settle it",
+        )  # fmt: skip
+    verb = "COMMIT" if commit else "ROLLBACK"
     left = []
-    for branch in others:
+    problems = []
+    for branch in group:
         try:
-            databases.finish(branch, commit)
+            _end(databases.connections[branch.store].cursor(), verb, branch.gid)
         except Exception as error:
             left.append(branch)
-            reason += f"; {branch.branch}: {type(error).__name__}: {str(error).strip()}"
-    if commit and not left:
-        for name in databases.connections:
-            if databases._query(name, "SELECT to_regclass(%s) IS NOT NULL", LOG_TABLE)[0][0]:
-                databases._query(name, f"DELETE FROM {LOG_TABLE} WHERE gtrid = %s", gtrid)
+            problems.append(f"{branch.branch}: {type(error).__name__}: {str(error).strip()}")
+    decider = databases.connection_of(first.decider)
+    if not left and not databases.unreachable and decider is not None:
+        databases.query(decider, f"DELETE FROM {LOG_TABLE} WHERE gtrid = %s", first.gtrid)
     outcome: Literal["committed", "rolled back"] = "committed" if commit else "rolled back"
-    log.warning("two-phase transaction %s %s: %s", gtrid, outcome, reason)
-    return Resolution(gtrid, outcome, group, tuple(left), reason)
-
-
-def _forget_decisions(databases: _Databases, older_than: float, unresolved: set[str]) -> None:
-    """Delete decision rows whose branches are all committed.
-
-    A row is written by its decider's transaction, which commits after every
-    branch was prepared; so a row with no branch prepared anywhere is done with.
-    """
-    still_prepared = {branch.gtrid for branch in databases.prepared()} | unresolved
-    for name, rows in databases.decisions().items():
-        for gtrid, age in rows:
-            if gtrid not in still_prepared and age >= older_than:
-                databases._query(name, f"DELETE FROM {LOG_TABLE} WHERE gtrid = %s", gtrid)
+    reason = (
+        "its decider committed: the decision to commit is recorded"
+        if commit
+        else "its decider never committed: the decision to roll back is recorded"
+    )
+    if databases.unreachable:
+        reason += "; some databases could not be reached: parts there are settled by a later run"
+    if problems:
+        reason += "; " + "; ".join(problems)
+    log.warning("two-phase transaction %s %s: %s", first.gtrid, outcome, reason)
+    return Resolution(first.gtrid, outcome, group, tuple(left), reason)

@@ -2,13 +2,16 @@
 
 The two databases live in two clusters of the session's own
 (``tests/pgcluster.py``), with ``max_prepared_transactions`` set, so that one
-can be stopped while the other runs. A crash of the application is a forked
-child that leaves with ``os._exit`` at the chosen moment.
+can be stopped while the other runs. Store "a" decides (it comes first by
+name). A crash of the application is a forked child that leaves with
+``os._exit`` at the chosen moment; a lost reply is a proxy that cuts the
+connection after passing a statement on (``tests/cutting_proxy.py``).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,11 +23,13 @@ from middlestorm import (
     ConfigurationError,
     MiddleStorm,
     StoreRegistry,
+    Timeouts,
     run_in_transaction,
     twophase,
 )
 from middlestorm.retry import RetryPolicy
 from tests.conftest import POSTGRES_URI
+from tests.cutting_proxy import CuttingProxy
 from tests.helpers import DataManager, call
 from tests.pgcluster import ClusterDatabase, PrivateCluster
 
@@ -221,9 +226,9 @@ def test_the_second_database_dying_after_the_decision_is_committed_by_recovery(
     assert second.notes() == []  # prepared, not yet committed
 
     left = twophase.in_doubt(registry)
-    resolutions = twophase.recover(registry, older_than=0)
+    resolutions = twophase.recover(registry)
 
-    assert [branch.branch for branch in left] == ["branch:b"]
+    assert [branch.branch for branch in left] == ["b"]
     assert [(r.outcome, r.left) for r in resolutions] == [("committed", ())]
     assert [db.notes() for db in dbs] == [["decided"], ["decided"]]
     assert [prepared(db) for db in dbs] == [[], []]
@@ -254,7 +259,7 @@ def test_a_store_after_the_one_that_failed_is_committed_at_once(dbs, pg_cluster,
         # it is committed all the same, not rolled back.
         assert [first.notes(), second.notes(), third.notes()] == [["three"], [], ["three"]]
         assert prepared(third) == []
-        twophase.recover(registry, older_than=0)
+        twophase.recover(registry)
         assert second.notes() == ["three"]
     finally:
         third.drop()
@@ -271,7 +276,7 @@ def test_a_thread_whose_commit_was_cut_off_works_again_once_the_database_is_back
     finally:
         remove_tracer(killer)
     other_cluster.start()
-    twophase.recover(registry, older_than=0)
+    twophase.recover(registry)
 
     run_in_transaction(registry, write_both(registry, "second"), policy=ONCE)
 
@@ -294,9 +299,9 @@ def test_a_crash_after_every_prepare_but_before_the_decision_is_rolled_back(dbs)
 
     crash_in_child(crash)
     registry = StoreRegistry(uris, two_phase=True)
-    assert sorted(b.branch for b in twophase.in_doubt(registry)) == ["branch:b", "decider:a"]
+    assert [(b.branch, b.decider) for b in twophase.in_doubt(registry)] == [("b", "a")]
 
-    [resolution] = twophase.recover(registry, older_than=0)
+    [resolution] = twophase.recover(registry)
 
     assert resolution.outcome == "rolled back"
     assert [db.notes() for db in dbs] == [[], []]
@@ -312,29 +317,51 @@ def test_a_crash_after_the_decision_is_committed_by_recovery(dbs):
     assert first.notes() == ["decided"]
     assert second.notes() == []
 
-    [resolution] = twophase.recover(registry, older_than=0)
+    [resolution] = twophase.recover(registry)
 
     assert resolution.outcome == "committed"
     assert [db.notes() for db in dbs] == [["decided"], ["decided"]]
     assert [prepared(db) for db in dbs] == [[], []]
 
 
-def test_recovery_leaves_recently_prepared_transactions_alone(dbs):
-    first, second = dbs
-    uris = {"a": first.uri(), "b": second.uri()}
+def test_recovery_while_a_transaction_commits_waits_for_its_decision(dbs, registry):
+    recovered = []
 
-    crash_after_the_decision(uris, "young")
-    registry = StoreRegistry(uris, two_phase=True)
+    class RecoverMeanwhile(DataManager):
+        """Runs recover() in another thread once "b" is prepared, before "a" commits."""
 
-    [resolution] = twophase.recover(registry)  # older_than=60 by default
+        def sortKey(self) -> str:
+            return "zzzz_recover"
 
-    assert resolution.outcome == "undecided"
-    assert len(prepared(second)) == 1
-    assert second.notes() == []
+        def tpc_vote(self, txn) -> None:
+            uris = {"a": dbs[0].uri(), "b": dbs[1].uri()}
+            other = StoreRegistry(uris, two_phase=True)
+            worker = threading.Thread(target=lambda: recovered.extend(twophase.recover(other)))
+            worker.start()
+            worker.join(1.0)
+            recovered.append(worker.is_alive())  # still waiting for the decider
+            self.worker = worker
+
+        def tpc_finish(self, txn) -> None:
+            pass
+
+    meanwhile = RecoverMeanwhile()
+
+    def work() -> None:
+        write_both(registry, "live")()
+        transaction.get().join(meanwhile)
+
+    run_in_transaction(registry, work, policy=ONCE)
+    meanwhile.worker.join(30)
+
+    assert recovered[0] is True
+    assert [r.outcome for r in recovered[1:]] == ["committed"]
+    assert [db.notes() for db in dbs] == [["live"], ["live"]]
+    assert [prepared(db) for db in dbs] == [[], []]
 
 
 def test_recovery_leaves_other_applications_prepared_transactions_alone(dbs, registry):
-    first, second = dbs
+    _, second = dbs
     foreign = second.cluster.connect(second.name)
     try:
         foreign.autocommit = False
@@ -342,13 +369,21 @@ def test_recovery_leaves_other_applications_prepared_transactions_alone(dbs, reg
         foreign.cursor().execute("PREPARE TRANSACTION 'someone-else'")
     finally:
         foreign.close()
-    elsewhere = StoreRegistry({"a": first.uri(), "b": second.uri(), "c": first.uri()})
-    assert twophase.fingerprint(elsewhere) != twophase.fingerprint(registry)
+    # Another application whose store "a" is another database prepared this one.
+    theirs = "middlestorm:" + "0" * 32 + ":" + "f" * 8 + ":a:b"
+    foreign = second.cluster.connect(second.name)
+    try:
+        foreign.autocommit = False
+        foreign.cursor().execute("INSERT INTO note (body) VALUES ('also theirs')")
+        foreign.cursor().execute("PREPARE TRANSACTION %s", (theirs,))
+    finally:
+        foreign.close()
 
-    assert twophase.recover(registry, older_than=0) == []
+    [resolution] = twophase.recover(registry)
 
-    assert twophase.in_doubt(registry) == []
-    assert prepared(second) == ["someone-else"]
+    assert resolution.outcome == "undecided"
+    assert [(b.gid, b.resolvable) for b in twophase.in_doubt(registry)] == [(theirs, False)]
+    assert sorted(prepared(second)) == sorted(["someone-else", theirs])
 
 
 # -- configuration -----------------------------------------------------------------
@@ -360,10 +395,133 @@ def test_two_phase_commit_refuses_a_database_other_than_postgresql(tmp_path):
 
 
 def test_two_phase_commit_refuses_a_store_name_too_long_for_a_branch_id():
-    with pytest.raises(ConfigurationError, match="store names of up to 56 bytes"):
-        StoreRegistry({"x" * 57: POSTGRES_URI}, two_phase=True)
+    with pytest.raises(ConfigurationError, match="store names of 1 to 64 letters"):
+        StoreRegistry({"x" * 65: POSTGRES_URI}, two_phase=True)
 
 
-def test_recovery_refuses_a_negative_age(registry):
-    with pytest.raises(ValueError, match="older_than"):
-        twophase.recover(registry, older_than=-1)
+def test_two_phase_commit_refuses_a_store_name_it_cannot_put_in_a_transaction_id():
+    with pytest.raises(ConfigurationError, match="letters, digits"):
+        StoreRegistry({"bücher": POSTGRES_URI}, two_phase=True)
+
+
+def test_storms_own_two_phase_mode_is_refused_for_the_registrys(registry):
+    with pytest.raises(ConfigurationError, match="two_phase=True"):
+        registry.set_default_tpc("a", True)
+
+
+# -- what the review found ----------------------------------------------------------
+
+
+@pytest.fixture
+def proxied(dbs, pg_cluster):
+    """A registry whose deciding store "a" reaches its database through a cutting proxy."""
+    first, second = dbs
+    proxy = CuttingProxy(pg_cluster.port)
+    uri = first.uri().replace(f":{pg_cluster.port}/", f":{proxy.port}/")
+    yield proxy, StoreRegistry({"a": uri, "b": second.uri()}, two_phase=True)
+    proxy.close()
+
+
+def test_a_lost_reply_to_the_deciding_commit_is_settled_as_committed(dbs, proxied):
+    proxy, registry = proxied
+    run_in_transaction(registry, write_both(registry, "warm up"), policy=ONCE)
+    proxy.arm(b"COMMIT")
+
+    run_in_transaction(registry, write_both(registry, "decided"), policy=ONCE)
+
+    assert proxy.cut.is_set()
+    assert [db.notes() for db in dbs] == [["warm up", "decided"]] * 2
+    assert [prepared(db) for db in dbs] == [[], []]
+
+
+def test_a_deciding_commit_that_never_arrived_is_settled_as_rolled_back_and_run_again(dbs, proxied):
+    proxy, registry = proxied
+    run_in_transaction(registry, write_both(registry, "warm up"), policy=ONCE)
+    proxy.arm(b"COMMIT", forward=False)
+    attempts = []
+
+    def work() -> None:
+        attempts.append(len(attempts) + 1)
+        write_both(registry, f"attempt {attempts[-1]}")()
+
+    run_in_transaction(registry, work)
+
+    assert attempts == [1, 2]
+    assert [db.notes() for db in dbs] == [["warm up", "attempt 2"]] * 2
+    assert [prepared(db) for db in dbs] == [[], []]
+
+
+def test_a_lost_reply_to_a_prepare_leaves_nothing_prepared_for_the_retry_to_wait_on(
+    dbs, pg_cluster, other_cluster
+):
+    first, second = dbs
+    proxy = CuttingProxy(other_cluster.port)
+    try:
+        uri = second.uri().replace(f":{other_cluster.port}/", f":{proxy.port}/")
+        registry = StoreRegistry({"a": first.uri(), "b": uri}, two_phase=True)
+        run_in_transaction(registry, write_both(registry, "warm up"), policy=ONCE)
+        second.run("UPDATE counter SET value = 0")
+        proxy.arm(b"PREPARE TRANSACTION")
+
+        def work() -> None:
+            write_both(registry, "once")()
+            registry.get("b").execute("UPDATE counter SET value = value + 1 WHERE id = 1")
+
+        run_in_transaction(registry, work, timeouts=Timeouts(statement=10))
+    finally:
+        proxy.close()
+
+    assert proxy.cut.is_set()
+    assert [db.notes() for db in dbs] == [["warm up", "once"]] * 2
+    assert second.counters()[0] == 1
+    assert [prepared(db) for db in dbs] == [[], []]
+
+
+def test_recovery_keeps_the_decision_while_a_part_is_unreachable(dbs, other_cluster):
+    first, second = dbs
+    uris = {"a": first.uri(), "b": second.uri()}
+    crash_after_the_decision(uris, "kept")
+    registry = StoreRegistry(uris, two_phase=True)
+    other_cluster.stop()
+    try:
+        assert twophase.recover(registry) == []  # "b", the only part left, is out of reach
+        assert decisions(first) != []
+    finally:
+        other_cluster.start()
+
+    [resolution] = twophase.recover(registry)
+
+    assert resolution.outcome == "committed"
+    assert [db.notes() for db in dbs] == [["kept"], ["kept"]]
+    assert decisions(first) == []
+
+
+def test_a_store_the_app_commits_itself_takes_part_in_the_two_phase_commit(dbs, registry):
+    def work() -> None:
+        store = registry.get("b")
+        store.execute("INSERT INTO note (body) VALUES ('early')")
+        store.commit()
+        write_both(registry, "late")()
+
+    run_in_transaction(registry, work, policy=ONCE)
+
+    assert [db.notes() for db in dbs] == [["late"], ["early", "late"]]
+
+
+def test_a_store_first_used_while_the_transaction_commits_stays_usable(dbs, registry):
+    class UsesAStoreWhileVoting(DataManager):
+        def sortKey(self) -> str:
+            return "zzzz_late"
+
+        def tpc_vote(self, txn) -> None:
+            registry.get("b").execute("SELECT 1")
+
+    def work() -> None:
+        registry.get("a").execute("INSERT INTO note (body) VALUES ('refused')")
+        transaction.get().join(UsesAStoreWhileVoting())
+
+    with pytest.raises(ValueError, match="expected txn status"):
+        run_in_transaction(registry, work, policy=ONCE)
+    run_in_transaction(registry, write_both(registry, "afterwards"), policy=ONCE)
+
+    assert [db.notes() for db in dbs] == [["afterwards"], ["afterwards"]]
