@@ -21,12 +21,13 @@ a retry policy need to know:
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from storm.exceptions import DisconnectionError
-from storm.store import Store
+from storm.store import PENDING_ADD, PENDING_REMOVE, Store
 from storm.tracer import install_tracer
 from storm.zope.zstorm import StoreDataManager as StormDataManager
 
@@ -165,9 +166,48 @@ class StoreDataManager(StormDataManager):
         work.note_commit()
         self._hook_register_transaction_event()
 
+    def savepoint(self) -> StoreSavepoint:
+        """A savepoint of the store's transaction (``transaction.savepoint()``)."""
+        return StoreSavepoint(self._store)
+
     def should_retry(self, error: BaseException) -> bool:
         """Whether ``error`` ended an attempt that may be run again (``transaction``'s API)."""
         return classify(error) is Verdict.TRANSIENT
+
+
+class StoreSavepoint:
+    """``SAVEPOINT`` in a store's transaction; :meth:`rollback` returns to it.
+
+    Changes made before it are flushed first, so the database holds them.
+    Rolling back discards the store's unflushed changes and invalidates its
+    cached objects, so that each is read again from the database: an object
+    added after the savepoint is gone, one changed after it has its earlier
+    values again.
+    """
+
+    _names = itertools.count(1)
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.name = f"middlestorm_{next(self._names)}"
+        store.execute(f"SAVEPOINT {self.name}", noresult=True)
+
+    def rollback(self) -> None:
+        store = self.store
+        _forget_changes(store)
+        store.invalidate()
+        store.execute(f"ROLLBACK TO SAVEPOINT {self.name}", noresult=True)
+
+
+def _forget_changes(store: Store) -> None:
+    """Drop a store's changes not yet flushed (the first part of Storm's ``Store.rollback``)."""
+    for obj_info in store._dirty:
+        pending = obj_info.pop("pending", None)
+        if pending is PENDING_ADD:
+            del obj_info["store"]
+        elif pending is PENDING_REMOVE:
+            store._enable_lazy_resolving(obj_info)
+    store._dirty.clear()
 
 
 def _keep_sqlite_transaction(store: Store) -> None:

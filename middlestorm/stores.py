@@ -20,6 +20,8 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any
 
 import transaction
 from storm.database import STATE_DISCONNECTED, Database
@@ -29,7 +31,7 @@ from storm.store import Store
 from storm.zope.zstorm import ZStorm, register_store_with_transaction
 from transaction.interfaces import ITransaction, ITransactionManager
 
-from middlestorm import datamanager, handoff, twophase
+from middlestorm import datamanager, handoff, twophase, work
 from middlestorm.databases import DatabaseSpec, open_database
 from middlestorm.errors import ConfigurationError, UnknownStoreError, WrongThreadError
 
@@ -148,6 +150,21 @@ class StoreRegistry(ZStorm):
         self._default_databases[name] = database
         self._default_uris[name] = shown
 
+    def transact(self, function: Any = None, /, **options: Any) -> Any:
+        """Run a function as a unit of work in this registry's stores, retried as need be.
+
+        ``@registry.transact`` or ``@registry.transact(savepoint=True,
+        policy=..., timeouts=...)``; see :func:`middlestorm.work.transact`.
+        """
+        return work.transact(self, function, **options)
+
+    def transaction(self, **options: Any) -> AbstractContextManager[None]:
+        """``with registry.transaction():`` a unit of work, committed at the end of the block.
+
+        ``savepoint=True`` and ``timeouts=`` as :func:`middlestorm.work.transaction`.
+        """
+        return work.transaction(self, **options)
+
     def set_default_tpc(self, name: str, default_flag: bool) -> None:
         """Refused: Storm's own two-phase mode; ``StoreRegistry(two_phase=True)`` replaces it.
 
@@ -213,6 +230,10 @@ class StoreRegistry(ZStorm):
     def close(self) -> None:
         """Close the calling thread's stores and the spare connections, as the server stops."""
         self.release()
+        self.close_spare_connections()
+
+    def close_spare_connections(self) -> None:
+        """Close the connections ended threads left for new ones (:mod:`middlestorm.handoff`)."""
         for database in self._default_databases.values():
             handoff.close_spares(database)
 

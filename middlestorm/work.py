@@ -2,28 +2,57 @@
 
 The same loop serves a WSGI request (:mod:`middlestorm.wsgi` adds what is
 HTTP's: replaying the body, knowing what the client has seen, status codes)
-and work outside one (:func:`run_in_transaction`).
+and work outside one: :func:`run_in_transaction`, the :func:`transact`
+decorator and the :func:`transaction` context manager, which worker
+threads, Twisted (:mod:`middlestorm.twisted`) and asyncio
+(:mod:`middlestorm.aio`) use too.
+
+A unit of work inside another of the same thread and transaction manager
+(a request, an outer ``transact``) joins its transaction: it commits
+nothing of its own. With ``savepoint=True`` it runs inside a savepoint,
+rolled back alone when it raises.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from storm.references import BoundIndirectReferenceSet, BoundReferenceSet
+from storm.store import EmptyResultSet, ResultSet, Store
+
+from middlestorm import context
 from middlestorm import timeouts as limits
+from middlestorm.errors import MiddleStormError
+from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import abort_quietly, end_transaction
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
 
-__all__ = ["Attempt", "Next", "Unit", "attempts", "note_commit", "run_in_transaction"]
+__all__ = [
+    "Attempt",
+    "Cancelled",
+    "LiveObjectError",
+    "Next",
+    "Unit",
+    "attempts",
+    "check_plain",
+    "note_commit",
+    "run_in_transaction",
+    "run_in_worker",
+    "transact",
+    "transaction",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +72,75 @@ class Unit:
 
     thread: int = field(default_factory=threading.get_ident)
     committed: bool = False
+    #: ``id()`` of the transaction managers whose transaction it runs in.
+    managers: set[int] = field(default_factory=set)
+
+
+class Cancelled(MiddleStormError):
+    """The caller stopped waiting for a unit of work, so it was rolled back, not committed."""
+
+
+class LiveObjectError(MiddleStormError, TypeError):
+    """A unit of work run in a worker thread returned a Storm object, store or result set.
+
+    They belong to the worker thread's store, which another thread must not
+    use: return plain values (ids, strings, dicts of columns) instead.
+    """
+
+
+def check_plain(value: object, what: str = "the unit of work") -> None:
+    """Refuse a live Storm object, store or result set in ``value`` (in containers too).
+
+    :raises LiveObjectError: naming what was found and what to return instead.
+    """
+    seen: set[int] = set()
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (str, bytes, int, float, bool, type(None))):
+            continue
+        kind = type(item)
+        if hasattr(kind, "__storm_table__") or isinstance(item, _STORM_TYPES):
+            raise LiveObjectError(
+                f"{what} returned {kind.__name__} {item!r:.80}, which belongs to the store of the "
+                "worker thread that ran it and must not be used from another thread: return "
+                "plain values (its id, or a dict or tuple of its columns) instead"
+            )
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
 
 
 _unit: ContextVar[Unit | None] = ContextVar("middlestorm.unit", default=None)
+_STORM_TYPES = (Store, ResultSet, EmptyResultSet, BoundReferenceSet, BoundIndirectReferenceSet)
 
 
-def begin_unit() -> tuple[Unit, Token[Unit | None]]:
+def begin_unit(manager: object = None) -> tuple[Unit, Token[Unit | None]]:
     """Start recording a run of a unit of work in this context; undo with :func:`end_unit`."""
-    unit = Unit()
+    unit = Unit(managers=set() if manager is None else {id(manager)})
     return unit, _unit.set(unit)
+
+
+def join_unit(manager: object) -> None:
+    """Have nested units of work join ``manager``'s transaction too (an inner middleware's)."""
+    unit = _unit.get()
+    if unit is not None and unit.thread == threading.get_ident():
+        unit.managers.add(id(manager))
+
+
+def joins(registry: StoreRegistry) -> bool:
+    """Whether a unit of work of this thread runs in the registry's manager's transaction."""
+    unit = _unit.get()
+    return (
+        unit is not None
+        and unit.thread == threading.get_ident()
+        and id(registry.transaction_manager) in unit.managers
+    )
 
 
 def end_unit(token: Token[Unit | None]) -> None:
@@ -135,6 +224,8 @@ def run_in_transaction(
     *,
     policy: RetryPolicy = DEFAULT_POLICY,
     timeouts: limits.Timeouts | None = None,
+    savepoint: bool = False,
+    cancelled: threading.Event | None = None,
 ) -> T:
     """Run ``function`` in a transaction of the registry's manager and commit it.
 
@@ -142,34 +233,160 @@ def run_in_transaction(
     it again, as the policy allows; any other failure aborts and is raised,
     and so is the last transient one. ``function`` must be safe to run more
     than once: it sees nothing of a failed attempt but what it kept itself.
+    ``current_store`` and ``get_store()`` reach the registry's stores in it.
+
+    Inside a unit of work of the same thread and manager (a request, an
+    outer call), ``function`` joins that transaction instead, once: the
+    outer unit commits it, or retries it with everything else.
 
     :param timeouts: limits PostgreSQL enforces on each attempt's transaction.
+    :param savepoint: when joining, run ``function`` in a savepoint, rolled
+        back alone if it raises (the error is raised still).
+    :param cancelled: checked before committing: once set, the attempt is
+        rolled back and :class:`Cancelled` raised.
     :returns: what ``function`` returned in the attempt that committed.
-    :raises RuntimeError: inside a unit of work of the same thread (a request):
-        its ``begin()`` would end that unit's transaction.
     """
-    outer = _unit.get()
-    if outer is not None and outer.thread == threading.get_ident():
-        raise RuntimeError(
-            "run_in_transaction() was called inside a unit of work (a request) of the same "
-            "thread: beginning its transaction would end the request's; do the work in the "
-            "request's transaction, or in another thread"
-        )
+    if joins(registry):
+        if not savepoint:
+            return function()
+        with _savepoint(registry):
+            return function()
     manager = registry.transaction_manager
     for attempt in attempts(policy):
         manager.begin()
-        unit, unit_token = begin_unit()
+        unit, unit_token = begin_unit(manager)
         token = limits.bind(timeouts)
+        stores = context.bind(ThreadStores(registry))
         try:
             result = function()
+            if cancelled is not None and cancelled.is_set():
+                abort_quietly(manager)
+                raise Cancelled("the caller stopped waiting: the unit of work was rolled back")
             end_transaction(registry, commit=True)
+        except Cancelled:
+            raise
         except BaseException as error:
             abort_quietly(manager)
             if not unit.committed and attempt.failed(error) is Next.RETRY:
                 continue
             raise
         finally:
+            context.unbind(stores)
             limits.unbind(token)
             end_unit(unit_token)
         return result
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+
+def run_in_worker(
+    registry: StoreRegistry,
+    cancelled: threading.Event,
+    function: Callable[..., T],
+    /,
+    *args: Any,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    timeouts: limits.Timeouts | None = None,
+    **kwargs: Any,
+) -> T:
+    """Run ``function(*args, **kwargs)`` as a unit of work for another thread, which gets
+    its result: a plain value, checked before the commit (:func:`check_plain`)."""
+
+    def checked() -> T:
+        result = function(*args, **kwargs)
+        check_plain(result, f"{getattr(function, '__qualname__', repr(function))}()")
+        return result
+
+    return run_in_transaction(
+        registry, checked, policy=policy, timeouts=timeouts, cancelled=cancelled
+    )
+
+
+@overload
+def transact(registry: StoreRegistry, function: Callable[..., T], /) -> Callable[..., T]: ...
+@overload
+def transact(
+    registry: StoreRegistry,
+    function: None = None,
+    /,
+    *,
+    policy: RetryPolicy = ...,
+    timeouts: limits.Timeouts | None = ...,
+    savepoint: bool = ...,
+) -> Callable[[Callable[..., T]], Callable[..., T]]: ...
+def transact(
+    registry: StoreRegistry,
+    function: Callable[..., T] | None = None,
+    /,
+    *,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    timeouts: limits.Timeouts | None = None,
+    savepoint: bool = False,
+) -> Any:
+    """Decorate ``function`` to run as a unit of work (:func:`run_in_transaction`).
+
+    ``@registry.transact`` or ``@registry.transact(savepoint=True)``.
+    """
+
+    def decorate(function: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(function)
+        def unit(*args: Any, **kwargs: Any) -> T:
+            return run_in_transaction(
+                registry,
+                functools.partial(function, *args, **kwargs),
+                policy=policy,
+                timeouts=timeouts,
+                savepoint=savepoint,
+            )
+
+        return unit
+
+    return decorate if function is None else decorate(function)
+
+
+@contextmanager
+def transaction(
+    registry: StoreRegistry,
+    *,
+    savepoint: bool = False,
+    timeouts: limits.Timeouts | None = None,
+) -> Iterator[None]:
+    """A unit of work as a ``with`` block: committed at its end, rolled back if it raises.
+
+    A block cannot be run again, so nothing is retried: use :func:`transact`
+    for that. Inside another unit of work it joins that one's transaction
+    (in a savepoint with ``savepoint=True``).
+    """
+    if joins(registry):
+        if savepoint:
+            with _savepoint(registry):
+                yield
+        else:
+            yield
+        return
+    manager = registry.transaction_manager
+    manager.begin()
+    _, unit_token = begin_unit(manager)
+    token = limits.bind(timeouts)
+    stores = context.bind(ThreadStores(registry))
+    try:
+        try:
+            yield
+        except BaseException:
+            abort_quietly(manager)
+            raise
+        end_transaction(registry, commit=True)
+    finally:
+        context.unbind(stores)
+        limits.unbind(token)
+        end_unit(unit_token)
+
+
+@contextmanager
+def _savepoint(registry: StoreRegistry) -> Iterator[None]:
+    """Roll back to here if the block raises; the transaction goes on."""
+    point = registry.transaction_manager.get().savepoint()
+    try:
+        yield
+    except BaseException:
+        point.rollback()
+        raise

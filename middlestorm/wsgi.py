@@ -49,7 +49,7 @@ from middlestorm.replay import ReplayableInput
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify, sqlstate
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
 from middlestorm.timeouts import Timeouts
-from middlestorm.work import Next, attempts, begin_unit, end_unit
+from middlestorm.work import Next, attempts, begin_unit, end_unit, join_unit
 
 __all__ = ["MiddleStorm", "decorator", "make_middleware"]
 
@@ -244,7 +244,7 @@ class MiddleStorm:
                 environ = original.copy()
             environ[ATTEMPT_KEY] = attempt.number
             exchange = _Exchange(self, stores, environ, start_response, bind=True)
-            unit, unit_token = begin_unit()
+            unit, unit_token = begin_unit(self.registry.transaction_manager)
             try:
                 return exchange.run()
             except BaseException as error:
@@ -448,6 +448,8 @@ class _Exchange:
                 unclosed.abandon()
         begin_transaction(manager)
         exchanges[id(manager)] = self
+        if not self._bind:  # an inner middleware's transaction: nested units join it too
+            join_unit(manager)
         if self._bind:
             self._token = context.bind(self.stores)
         self._limits = timeouts.bind(self.environ.get(TIMEOUTS_KEY, middleware.timeouts))

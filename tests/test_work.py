@@ -145,3 +145,182 @@ def test_a_connection_lost_during_the_commit_is_in_doubt_and_not_run_again(pg, c
 
     assert runs == [1]
     assert "COMMIT is in doubt" in caplog.text
+
+
+# -- transact, transaction, and units inside units -----------------------------------
+
+
+def test_a_transact_function_commits_what_it_did(registry, db):
+    @registry.transact
+    def add(body: str) -> str:
+        registry.get().add(Note(body))
+        return body
+
+    assert add("kept") == "kept"
+    assert db.notes() == ["kept"]
+
+
+def test_a_transact_function_that_raises_commits_nothing(registry, db):
+    @registry.transact
+    def fail() -> None:
+        registry.get().add(Note("lost"))
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        fail()
+    assert db.notes() == []
+
+
+def test_a_transact_function_is_run_again_after_a_transient_failure(registry, db):
+    runs: list[int] = []
+
+    @registry.transact(policy=FAST)
+    def add() -> None:
+        runs.append(len(runs) + 1)
+        registry.get().add(Note(f"run {runs[-1]}"))
+        if len(runs) == 1:
+            raise TransientError("a conflict")
+
+    add()
+
+    assert runs == [1, 2]
+    assert db.notes() == ["run 2"]
+
+
+def test_a_transaction_block_commits_at_its_end_and_rolls_back_if_it_raises(registry, db):
+    with registry.transaction():
+        registry.get().add(Note("block"))
+    with pytest.raises(RuntimeError), registry.transaction():
+        registry.get().add(Note("raised"))
+        raise RuntimeError("the block failed")
+
+    assert db.notes() == ["block"]
+
+
+def test_current_store_is_the_registrys_inside_a_unit_of_work(registry, db):
+    from middlestorm import current_store
+
+    @registry.transact
+    def add() -> None:
+        current_store.add(Note("through current_store"))
+
+    add()
+
+    assert db.notes() == ["through current_store"]
+
+
+def test_a_nested_unit_of_work_joins_the_outer_transaction(registry, db):
+    @registry.transact
+    def inner() -> None:
+        registry.get().add(Note("inner"))
+
+    @registry.transact(policy=FAST)
+    def outer() -> None:
+        inner()
+        assert db.notes() == []  # the inner unit committed nothing of its own
+        raise ValueError("the outer unit fails")
+
+    with pytest.raises(ValueError):
+        outer()
+    assert db.notes() == []
+
+
+def test_a_nested_unit_with_a_savepoint_is_rolled_back_alone(registry, db):
+    @registry.transact(savepoint=True)
+    def inner() -> None:
+        registry.get().add(Note("inner"))
+        raise ValueError("the inner unit fails")
+
+    @registry.transact
+    def outer() -> None:
+        registry.get().add(Note("outer"))
+        with pytest.raises(ValueError):
+            inner()
+        registry.get().add(Note("after"))
+
+    outer()
+
+    assert db.notes() == ["outer", "after"]
+
+
+def test_a_nested_transaction_block_with_a_savepoint_is_rolled_back_alone(registry, db):
+    with registry.transaction():
+        registry.get().add(Note("outer"))
+        with pytest.raises(KeyError), registry.transaction(savepoint=True):
+            registry.get().add(Note("inner"))
+            raise KeyError("inner")
+
+    assert db.notes() == ["outer"]
+
+
+def test_a_unit_of_work_inside_a_request_joins_the_requests_transaction(db):
+    from middlestorm import MiddleStorm
+    from tests.helpers import call
+
+    middleware = MiddleStorm(lambda environ, start_response: app(environ, start_response), db.uri)
+    registry = middleware.registry
+
+    @registry.transact
+    def add() -> None:
+        registry.get().add(Note("in the request"))
+
+    def app(environ, start_response):
+        add()
+        start_response("500 Internal Server Error", [])
+        return [b"failed after the unit"]
+
+    try:
+        assert call(middleware).status.startswith("500")
+    finally:
+        registry.release()
+    assert db.notes() == []  # the request aborted, and the unit with it
+
+
+def test_a_cancelled_unit_of_work_is_rolled_back_not_committed(registry, db):
+    import threading
+
+    from middlestorm.work import Cancelled
+
+    cancelled = threading.Event()
+
+    def work() -> None:
+        registry.get().add(Note("cancelled"))
+        cancelled.set()  # the caller stops waiting while the work runs
+
+    with pytest.raises(Cancelled):
+        run_in_transaction(registry, work, cancelled=cancelled)
+    assert db.notes() == []
+
+
+def test_units_of_work_in_many_threads_each_use_their_own_store(registry, db):
+    from concurrent.futures import ThreadPoolExecutor
+
+    @registry.transact
+    def add(number: int) -> int:
+        store = registry.get()
+        store.add(Note(f"note {number}"))
+        return id(store)
+
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(add, range(20)))
+
+    assert sorted(db.notes()) == sorted(f"note {n}" for n in range(20))
+    assert len(set(stores)) <= 4
+
+
+def test_a_row_that_violates_a_constraint_is_skipped_alone_in_a_savepoint(registry, db):
+    @registry.transact
+    def import_rows(ids: list[int]) -> None:
+        for note_id in ids:
+            try:
+                with registry.transaction(savepoint=True):
+                    note = Note(f"row {note_id}")
+                    note.id = note_id
+                    registry.get().add(note)
+                    registry.get().flush()
+            except IntegrityError:
+                pass
+
+    import_rows([1, 2, 1, 3])  # the second 1 is a duplicate key
+
+    assert db.notes() == ["row 1", "row 2", "row 3"]

@@ -430,20 +430,23 @@ def test_a_commit_failing_after_another_data_manager_committed_is_in_doubt(pg, p
     assert attempts == [1] and pg.notes() == ["charged, attempt 1"]
 
 
-def test_run_in_transaction_inside_a_request_is_refused(db, middleware):
+def test_run_in_transaction_inside_a_request_joins_the_requests_transaction(db, middleware):
     from middlestorm import run_in_transaction
+
+    seen = []
 
     def app(environ, start_response):
         environ["storm.store"].add(Note("the request's own"))
         registry = environ["middlestorm.stores"].registry
-        with pytest.raises(RuntimeError, match="inside a unit of work"):
-            run_in_transaction(registry, lambda: None)
+        run_in_transaction(registry, lambda: registry.get().add(Note("the unit's")))
+        seen.append(db.notes())  # the unit committed nothing by itself
         start_response("200 OK", [])
         return [b""]
 
     call(middleware(app))
 
-    assert db.notes() == ["the request's own"]
+    assert seen == [[]]
+    assert db.notes() == ["the request's own", "the unit's"]
 
 
 def test_a_head_request_out_of_attempts_gets_a_503_without_a_body(db, middleware):

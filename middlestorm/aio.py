@@ -1,0 +1,107 @@
+"""asyncio: await units of work run in worker threads of their own.
+
+Storm is synchronous and its stores belong to threads, so a coroutine does
+not use a store itself: it awaits a function run as a unit of work
+(:func:`middlestorm.work.run_in_transaction`: the registry's stores, its
+transaction, the retry policy) in one of a bounded set of worker threads,
+each with its own stores::
+
+    stores = AsyncStores(registry, workers=8)
+
+    def rename(note_id, body):
+        note = registry.get().get(Note, note_id)
+        note.body = body
+        return note.body              # a plain value: Storm objects stay in the worker
+
+    async def handler():
+        body = await stores.run(rename, 1, "new body")
+        ...
+    await stores.aclose()             # or: async with AsyncStores(registry) as stores:
+
+Cancelling the awaiting task rolls the unit of work back: it never commits
+after its caller stopped waiting (a COMMIT already under way completes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from middlestorm.errors import ConfigurationError
+from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
+from middlestorm.timeouts import Timeouts
+from middlestorm.work import run_in_worker
+
+if TYPE_CHECKING:
+    from middlestorm.stores import StoreRegistry
+
+__all__ = ["AsyncStores"]
+
+T = TypeVar("T")
+
+
+class AsyncStores:
+    """Worker threads that run units of work in a registry's stores, for coroutines to await.
+
+    :param workers: how many threads (and so stores and connections per
+        database) at most.
+    :param policy: the retry policy of every unit of work.
+    :param timeouts: PostgreSQL limits of every unit of work's transaction.
+    """
+
+    def __init__(
+        self,
+        registry: StoreRegistry,
+        *,
+        workers: int = 8,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ConfigurationError(f"workers must be a whole number >= 1, not {workers!r}")
+        self.registry = registry
+        self.policy = policy
+        self.timeouts = timeouts
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="middlestorm-aio")
+        self._closed = False
+
+    async def run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``function(*args, **kwargs)`` as a unit of work in a worker thread; its result.
+
+        :raises LiveObjectError: when it returns a Storm object, store or result set.
+        :raises RuntimeError: after :meth:`aclose`.
+        """
+        if self._closed:
+            raise RuntimeError("these AsyncStores are closed")
+        cancelled = threading.Event()
+        unit = functools.partial(
+            run_in_worker, self.registry, cancelled, function, *args,
+            policy=self.policy, timeouts=self.timeouts, **kwargs,
+        )  # fmt: skip
+        future = asyncio.get_running_loop().run_in_executor(self._executor, unit)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            cancelled.set()  # the worker rolls back instead of committing
+            raise
+
+    async def aclose(self) -> None:
+        """Wait for the units of work under way, end the threads, close their connections."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.registry.close_spare_connections()  # what the ended threads handed over
+
+    async def __aenter__(self) -> AsyncStores:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,101 @@
+"""Twisted: units of work in a thread pool of their own, as Deferreds.
+
+The reactor's thread never touches a store. A function runs as a unit of
+work (:func:`middlestorm.work.run_in_transaction`: the registry's stores,
+its transaction, the retry policy) in a thread of a pool this module owns,
+and its result, a plain value, comes back as a ``Deferred``; a failure as
+its errback::
+
+    from middlestorm.twisted import DeferredStores
+
+    stores = DeferredStores(registry, workers=8)
+
+    def avatar(login):
+        user = registry.get().find(User, login=login).one()
+        return user.avatar_line()   # a plain value: Storm objects stay in the thread
+
+    d = stores.run(avatar, "alice")
+
+The pool starts with the first call and stops when the reactor shuts down:
+its threads end, their connections are closed, nothing keeps the process
+from exiting. Cancelling the ``Deferred`` rolls the unit of work back unless
+its COMMIT is already under way. It needs Twisted (``middlestorm[twisted]``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+from twisted.python.threadpool import ThreadPool
+
+from middlestorm.errors import ConfigurationError
+from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
+from middlestorm.timeouts import Timeouts
+from middlestorm.work import run_in_worker
+
+if TYPE_CHECKING:
+    from middlestorm.stores import StoreRegistry
+
+__all__ = ["DeferredStores"]
+
+
+class DeferredStores:
+    """A thread pool that runs units of work in a registry's stores, for the reactor.
+
+    :param reactor: the reactor (Twisted's global one by default).
+    :param workers: how many threads (and so stores and connections per
+        database) at most.
+    :param policy: the retry policy of every unit of work.
+    :param timeouts: PostgreSQL limits of every unit of work's transaction.
+    """
+
+    def __init__(
+        self,
+        registry: StoreRegistry,
+        *,
+        reactor: Any = None,
+        workers: int = 8,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ConfigurationError(f"workers must be a whole number >= 1, not {workers!r}")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.registry = registry
+        self.reactor = reactor
+        self.policy = policy
+        self.timeouts = timeouts
+        self._pool = ThreadPool(minthreads=0, maxthreads=workers, name="middlestorm")
+        self._started = False
+
+    def run(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """Run ``function(*args, **kwargs)`` as a unit of work in the pool; its result, deferred.
+
+        The errback gets a ``LiveObjectError`` when it returns a Storm object,
+        store or result set.
+        """
+        if not self._started:
+            self._started = True
+            self._pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        cancelled = threading.Event()
+        result: Deferred[Any] = Deferred(lambda _: cancelled.set())
+        threads.deferToThreadPool(
+            self.reactor, self._pool, run_in_worker, self.registry, cancelled, function, *args,
+            policy=self.policy, timeouts=self.timeouts, **kwargs,
+        ).chainDeferred(result)  # fmt: skip
+        return result
+
+    def stop(self) -> None:
+        """Let the units of work under way finish, end the threads, close their connections."""
+        if self._started:
+            self._pool.stop()
+            self._started = False
+        self.registry.close_spare_connections()  # what the ended threads handed over

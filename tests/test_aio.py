@@ -1,0 +1,119 @@
+"""asyncio: coroutines await units of work run in worker threads with their own stores."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from transaction.interfaces import TransientError
+
+from middlestorm import ConfigurationError, RetryPolicy
+from middlestorm.aio import AsyncStores
+from middlestorm.work import LiveObjectError
+from tests.models import Note
+from tests.test_stores import wait_for
+
+
+def test_a_thousand_concurrent_awaits_use_at_most_one_store_per_worker(registry, db):
+    def add(number: int) -> tuple[int, int]:
+        store = registry.get()
+        store.add(Note(f"note {number}"))
+        return number, threading.get_ident()
+
+    async def main() -> list[tuple[int, int]]:
+        async with AsyncStores(registry, workers=8) as stores:
+            return await asyncio.gather(*(stores.run(add, n) for n in range(1000)))
+
+    results = asyncio.run(main())
+
+    assert [number for number, _ in results] == list(range(1000))
+    assert len({thread for _, thread in results}) <= 8
+    assert len(db.notes()) == 1000
+    if db.kind == "postgres":
+        assert wait_for(lambda: db.backends() == 0)  # the workers' connections are closed
+
+
+def test_a_failure_reaches_the_awaiting_coroutine_and_nothing_is_committed(registry, db):
+    def fail() -> None:
+        registry.get().add(Note("rolled back"))
+        raise ValueError("bad input")
+
+    async def main() -> None:
+        async with AsyncStores(registry) as stores:
+            await stores.run(fail)
+
+    with pytest.raises(ValueError, match="bad input"):
+        asyncio.run(main())
+    assert db.notes() == []
+
+
+def test_a_transient_failure_is_run_again(registry, db):
+    runs: list[int] = []
+
+    def add() -> int:
+        runs.append(len(runs) + 1)
+        registry.get().add(Note(f"run {runs[-1]}"))
+        if len(runs) == 1:
+            raise TransientError("a conflict")
+        return len(runs)
+
+    async def main() -> int:
+        async with AsyncStores(registry, policy=RetryPolicy(backoff=0.001)) as stores:
+            return await stores.run(add)
+
+    assert asyncio.run(main()) == 2
+    assert db.notes() == ["run 2"]
+
+
+def test_cancelling_the_awaiting_task_rolls_the_unit_of_work_back(registry, db):
+    started, proceed = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        registry.get().add(Note("cancelled"))
+        started.set()
+        proceed.wait(10)  # the caller gives up meanwhile
+
+    async def main() -> None:
+        async with AsyncStores(registry) as stores:
+            task = asyncio.create_task(stores.run(slow))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            proceed.set()
+
+    asyncio.run(main())
+
+    assert db.notes() == []
+
+
+def test_a_storm_object_returned_to_the_coroutine_is_refused(registry, db):
+    def leak() -> list[Note]:
+        note = Note("stays in the worker")
+        registry.get().add(note)
+        return [note]
+
+    async def main() -> None:
+        async with AsyncStores(registry) as stores:
+            await stores.run(leak)
+
+    with pytest.raises(LiveObjectError, match="return plain values"):
+        asyncio.run(main())
+    assert db.notes() == []  # refused before the commit: nothing is saved that was reported failed
+
+
+def test_closed_stores_refuse_new_work(registry):
+    async def main() -> None:
+        stores = AsyncStores(registry)
+        await stores.aclose()
+        await stores.run(lambda: None)
+
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_a_bad_number_of_workers_is_refused(registry, workers):
+    with pytest.raises(ConfigurationError, match="workers must be a whole number"):
+        AsyncStores(registry, workers=workers)

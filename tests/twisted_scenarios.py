@@ -1,0 +1,128 @@
+"""Scenarios run with a real Twisted reactor, one per process (a reactor runs only once).
+
+    python -m tests.twisted_scenarios SCENARIO URI
+
+prints one line of JSON: what the scenario saw. ``tests/test_twisted.py`` runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from typing import Any
+
+from transaction.interfaces import TransientError
+from twisted.internet import defer, task
+
+from middlestorm import RetryPolicy, StoreRegistry
+from middlestorm.twisted import DeferredStores
+from tests.models import Note
+
+
+def backend(registry: StoreRegistry) -> int | None:
+    if registry.database().__class__.__name__ != "Postgres":
+        return None
+    return registry.get().execute("SELECT pg_backend_pid()").get_one()[0]
+
+
+async def many(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    def add(number: int) -> list:
+        registry.get().add(Note(f"note {number}"))
+        return [number, threading.get_ident(), backend(registry)]
+
+    results = await defer.gatherResults([stores.run(add, n) for n in range(1000)])
+    return {
+        "numbers": [number for number, _, _ in results],
+        "threads": len({thread for _, thread, _ in results}),
+        "backends": len({pid for _, _, pid in results if pid is not None}),
+    }
+
+
+async def failure(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    def fail() -> None:
+        registry.get().add(Note("rolled back"))
+        raise ValueError("bad input")
+
+    try:
+        await stores.run(fail)
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+async def retry(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    runs: list[int] = []
+
+    def add() -> int:
+        runs.append(len(runs) + 1)
+        registry.get().add(Note(f"run {runs[-1]}"))
+        if len(runs) == 1:
+            raise TransientError("a conflict")
+        return len(runs)
+
+    return {"runs": await stores.run(add)}
+
+
+async def live(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    def leak() -> Note:
+        note = Note("stays in the thread")
+        registry.get().add(note)
+        return note
+
+    try:
+        await stores.run(leak)
+    except TypeError as error:
+        return {"error": type(error).__name__}
+    return {"error": None}
+
+
+async def cancel(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    started, proceed = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        registry.get().add(Note("cancelled"))
+        started.set()
+        proceed.wait(10)
+
+    deferred = stores.run(slow)
+    while not started.is_set():
+        await task.deferLater(reactor, 0.01, lambda: None)
+    deferred.cancel()
+    try:
+        await deferred
+    except defer.CancelledError:
+        outcome = "cancelled"
+    else:
+        outcome = "finished"
+    proceed.set()
+    return {"outcome": outcome}
+
+
+SCENARIOS = {"many": many, "failure": failure, "retry": retry, "live": live, "cancel": cancel}
+
+
+def main() -> None:
+    scenario, uri = sys.argv[1], sys.argv[2]
+    registry = StoreRegistry({"main": uri})
+    seen: dict = {}
+
+    def run(reactor: Any) -> defer.Deferred:
+        stores = DeferredStores(
+            registry, reactor=reactor, workers=8, policy=RetryPolicy(backoff=0.001)
+        )
+
+        async def scenario_then_record() -> None:
+            seen.update(await SCENARIOS[scenario](reactor, registry, stores))
+
+        return defer.ensureDeferred(scenario_then_record())
+
+    try:
+        task.react(run)
+    except SystemExit as exit:
+        seen["exit"] = exit.code
+    print(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main()
