@@ -405,6 +405,13 @@ def _open_exchanges() -> dict[int, _Exchange]:
 class _Exchange:
     """One request and its response, and the transaction between them."""
 
+    __slots__ = (
+        "__weakref__", "_bind", "_exc_info", "_forward_at_once", "_limits",
+        "_server_start_response", "_server_write", "_token", "broken", "closed_elsewhere",
+        "committed", "ended", "environ", "headers", "middleware", "registry", "stats",
+        "status", "stores", "written",
+    )  # fmt: skip
+
     def __init__(
         self,
         middleware: MiddleStorm,
@@ -443,15 +450,18 @@ class _Exchange:
         exchanges = _open_exchanges()
         # A request's thread is free again: whatever it left open (on any manager,
         # inner middlewares' too) the server never closed.
-        for unclosed in list(exchanges.values()) if self._bind else [exchanges.get(id(manager))]:
-            if unclosed is not None:
-                unclosed.abandon()
+        if exchanges:
+            for unclosed in (
+                list(exchanges.values()) if self._bind else [exchanges.get(id(manager))]
+            ):
+                if unclosed is not None:
+                    unclosed.abandon()
         begin_transaction(manager)
         exchanges[id(manager)] = self
-        if not self._bind:  # an inner middleware's transaction: nested units join it too
-            join_unit(manager)
         if self._bind:
             self._token = context.bind(self.stores)
+        else:  # an inner middleware's transaction: nested units join it too
+            join_unit(manager)
         self._limits = timeouts.bind(self.environ.get(TIMEOUTS_KEY, middleware.timeouts))
         if middleware.server_timing or timing.log.isEnabledFor(logging.DEBUG):
             self.stats = timing.start()
