@@ -35,8 +35,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, SCHEMA
-
 VERSION = "15"
 PREFIX = "middlestorm_faults_"
 OTHER_PREFIX = "middlestorm_other_"
@@ -296,6 +294,8 @@ class PrivateCluster:
         database = ClusterDatabase(self)
         self.query(f"CREATE DATABASE {database.name}")
         if tables:
+            from tests.conftest import SCHEMA  # conftest imports this module
+
             database.run(*SCHEMA["postgres"])
         return database
 
@@ -374,6 +374,8 @@ def require_cluster() -> None:
     problem = why_no_cluster()
     if problem is None:
         return
+    from tests.conftest import IN_CI  # conftest imports this module
+
     if IN_CI:
         pytest.fail(f"{problem}; CI must run the fault tests")
     pytest.skip(problem)
