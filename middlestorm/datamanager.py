@@ -13,10 +13,9 @@ a retry policy need to know:
 * after a failed COMMIT the connection is left ready for the rollback that
   follows, so it can be reused (Storm's SQLite connection forgets that
   SQLite kept the transaction open, and its next BEGIN would fail);
-* in a two-phase registry, a transaction several stores joined commits as
-  :mod:`middlestorm.twophase` says: the decider records the decision, the
-  others prepare in ``tpc_vote``, and none is rolled back once the decider
-  committed.
+* in a two-phase registry, a transaction several stores wrote in commits as
+  :mod:`middlestorm.twophase` says: all but the decider prepare in
+  ``tpc_vote``, and none is rolled back once the decider committed.
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
     if registry.two_phase:
         manager.name = registry.get_name(store)
         manager.two_phase = twophase.for_transaction(registry, txn)
-        manager.two_phase.participants += 1
+        manager.two_phase.members[manager.name] = store
     timeouts.apply(store)
     return False  # joined once per transaction: hooked again when it ends
 
@@ -117,7 +116,11 @@ class StoreDataManager(StormDataManager):
 
     def tpc_vote(self, txn: Any) -> None:
         if self.two_phase is not None:
-            self.two_phase.vote(self._store, self.name, txn)
+            token = _finishing.set(True)  # a store that only read commits here
+            try:
+                self.two_phase.vote()
+            finally:
+                _finishing.reset(token)
 
     def tpc_abort(self, txn: Any) -> None:
         self.abort(txn)

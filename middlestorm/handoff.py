@@ -3,8 +3,11 @@
 A server that runs every request in a new thread (werkzeug's development
 server, ``socketserver.ThreadingMixIn``) would open a PostgreSQL connection
 per request: a store belongs to its thread, and its connection is closed when
-the thread ends. Instead, a thread that ends hands its connection, rolled
-back and idle, to the next thread that opens one for the same database.
+the thread ends. Instead, a thread that ends hands its connection to the
+next thread that opens one for the same database, which resets it first:
+ROLLBACK, then ``DISCARD ALL`` (no transaction, advisory lock, temporary
+table, LISTEN or setting of the ended thread's session is left); one that
+fails the reset is closed, and a new one opened.
 
 At most ``keep`` connections wait per database; one that waited longer than
 ``timeout`` seconds is closed. A forked child never takes its parent's.
@@ -25,7 +28,14 @@ from storm.database import STATE_CONNECTED, Database
 from storm.databases.postgres import Postgres
 from storm.store import Store
 
-__all__ = ["SpareConnections", "close_spares", "hand_over", "install", "spare_count"]
+__all__ = [
+    "SpareConnections",
+    "close_spares",
+    "connect_fresh",
+    "hand_over",
+    "install",
+    "spare_count",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +60,38 @@ class SpareConnections:
         return len(self._idle)
 
     def raw_connect(self) -> Any:
-        """A spare connection if one is healthy, else a new one (the database's ``raw_connect``)."""
+        """A spare connection, reset, if one is healthy; else a new one.
+
+        It replaces the database's ``raw_connect``. The reset (ROLLBACK,
+        ``DISCARD ALL``) is done here, in the thread that takes the
+        connection, never where the ended thread's stores are finalized.
+        """
         while True:
             with self._lock:
                 if not self._idle:
                     break
                 _, raw = self._idle.pop()  # the most recent: the least likely to be stale
-            if _usable(raw):
+            try:
+                _reset_session(raw)
+            except Exception:
+                log.debug("a spare connection could not be reset; it is closed", exc_info=True)
+                _close(raw)
+            else:
                 return raw
-            _close(raw)
         return self._connect()
 
     def take_back(self, store: Store) -> bool:
         """Keep the connection of ``store``, whose thread ended; false if it is not kept.
 
-        The store's transaction is rolled back first; a connection that is
-        broken, busy, or beyond ``keep`` is not kept (the caller closes it).
+        Nothing is sent: a connection that is closed, inside a transaction
+        or beyond ``keep`` is not kept (the caller closes it); the next
+        thread to take it resets it.
         """
         connection = store._connection
         raw = connection._raw_connection
         if raw is None or connection._state != STATE_CONNECTED or self.keep <= 0:
             return False
-        try:
-            store.rollback()
-        except Exception:
-            return False
-        if not _usable(raw):
+        if not _idle(raw):  # mid-transaction: closing it is how its locks go at once
             return False
         with self._lock:
             if len(self._idle) >= self.keep:
@@ -143,6 +159,12 @@ def hand_over(store: Store) -> bool:
     return spare is not None and spare.take_back(store)
 
 
+def connect_fresh(database: Database) -> Any:
+    """A new raw connection to ``database``, never a spare one (which may have gone stale)."""
+    spare: SpareConnections | None = database.__dict__.get("_middlestorm_spare")
+    return spare._connect() if spare is not None else database.raw_connect()
+
+
 def spare_count(database: Database) -> int:
     """How many spare connections ``database`` has waiting."""
     spare: SpareConnections | None = database.__dict__.get("_middlestorm_spare")
@@ -156,14 +178,30 @@ def close_spares(database: Database) -> None:
         spare.close()
 
 
-def _usable(raw: Any) -> bool:
-    """Whether a connection is open and idle, as far as the client can tell without a round trip."""
+def _idle(raw: Any) -> bool:
+    """Whether a connection is open and outside a transaction, as the client knows it."""
     from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
     try:
         return not raw.closed and raw.info.transaction_status == TRANSACTION_STATUS_IDLE
     except Exception:
         return False
+
+
+def _reset_session(raw: Any) -> None:
+    """End whatever the ended thread left in its session: ``DISCARD ALL`` releases
+    advisory locks, drops temporary tables, prepared statements and LISTENs,
+    and resets settings; the client encoding Storm set is set again."""
+    if not _idle(raw):
+        raise ConnectionError("the connection is closed or inside a transaction")
+    raw.autocommit = True
+    try:
+        cursor = raw.cursor()
+        cursor.execute("DISCARD ALL")
+        cursor.execute("SET client_encoding TO 'UTF8'")
+        cursor.close()
+    finally:
+        raw.autocommit = False
 
 
 def _close(raw: Any) -> None:

@@ -1,24 +1,25 @@
 """Two-phase commit across a registry's PostgreSQL stores, and recovery after a crash.
 
-With ``StoreRegistry(..., two_phase=True)``, a transaction that more than one
-store joined commits so that every database commits or none does:
+With ``StoreRegistry(..., two_phase=True)``, a transaction in which more than
+one store wrote commits so that every database commits or none does:
 
-1. the first store in name order, the *decider*, writes the decision to
-   commit into its own transaction (a row of ``middlestorm_twophase``);
-2. every other store's transaction is prepared (``PREPARE TRANSACTION``);
-3. the decider's transaction is committed, in one phase: from then on the
-   whole transaction is committed, whatever happens next;
-4. the others are committed (``COMMIT PREPARED``).
+1. each store that joined is asked whether its transaction wrote
+   (``pg_current_xact_id_if_assigned()``); one that only read is committed
+   at once and takes no further part;
+2. the first writer in name order, the *decider*, is not prepared: its
+   transaction id and session are named in the id of every other writer's
+   prepared transaction (``PREPARE TRANSACTION``);
+3. the decider commits, in one phase: that commits the whole transaction;
+4. the others commit (``COMMIT PREPARED``).
 
-A transaction only one store joined commits in one phase, as it would
-without two-phase commit.
+One writer commits in one phase, as it would without two-phase commit.
 
-When the decider's COMMIT may or may not have happened (its connection was
-lost), the outcome is settled at once, on a connection of its own: a
-decision row marked rolled back is written unless the decider's is there;
-the unique key makes whichever came first win. :func:`recover` settles, the
-same way, transactions a crash left prepared, so it never guesses from the
-age of a transaction, and may run while the application runs.
+Whenever the decider's COMMIT may or may not have happened (its connection
+was lost, a crash), PostgreSQL itself tells: ``pg_xact_status()`` of its
+transaction id is ``committed`` or ``aborted``; a decider still ``in
+progress`` whose client is gone has its session ended first. No table, no
+guess from the age of a transaction: :func:`recover` settles what a crash
+left prepared the same way, and may run while the application runs.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
-from uuid import uuid4
 
 from storm.database import STATE_RECONNECT
 from storm.databases.postgres import Postgres
@@ -39,41 +39,28 @@ from storm.exceptions import DisconnectionError
 from storm.store import Store
 from transaction.interfaces import TransientError
 
+from middlestorm import handoff
 from middlestorm.errors import CommitInDoubtError, ConfigurationError, MiddleStormError
+from middlestorm.retry import sqlstate
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
 
-__all__ = [
-    "LOG_TABLE",
-    "LOG_TABLE_SQL",
-    "CommitRolledBack",
-    "PreparedBranch",
-    "Resolution",
-    "in_doubt",
-    "recover",
-]
+__all__ = ["CommitRolledBack", "PreparedBranch", "Resolution", "in_doubt", "recover"]
 
 log = logging.getLogger(__name__)
 
-#: The table, in the deciding store's database, that records decisions.
-LOG_TABLE = "middlestorm_twophase"
-#: The statement that makes it (middlestorm runs it when first needed).
-LOG_TABLE_SQL = (
-    f"CREATE TABLE IF NOT EXISTS {LOG_TABLE} (gtrid text PRIMARY KEY, "
-    "committed boolean NOT NULL, decided_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-)
 #: How every prepared transaction of middlestorm's is named.
 PREFIX = "middlestorm:"
 #: The store names two-phase commit takes: they name the prepared transactions.
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _GID = re.compile(
-    r"middlestorm:(?P<id>[0-9a-f]{32}):(?P<key>[0-9a-f]{8}):"
+    r"middlestorm:(?P<key>[0-9a-f]{8}):(?P<xid>\d{1,20}):(?P<pid>\d{1,10}):"
     r"(?P<decider>[A-Za-z0-9_.-]{1,64}):(?P<branch>[A-Za-z0-9_.-]{1,64})"
 )
 _UNDEFINED_OBJECT = "42704"  # COMMIT/ROLLBACK PREPARED of a transaction that is gone
-#: How long settling an outcome waits for a decider still committing.
-LOCK_TIMEOUT = "10s"
+#: How long ending a session whose client is gone may take.
+TERMINATE_TIMEOUT_MS = 5000
 
 
 class CommitRolledBack(MiddleStormError, TransientError):
@@ -107,18 +94,22 @@ def database_key(registry: StoreRegistry, name: str) -> str:
 
 
 class Commit:
-    """The two-phase commit of one transaction: its decider, what is prepared, the outcome."""
+    """The commit of one transaction across a registry's stores."""
 
     def __init__(self, registry: StoreRegistry) -> None:
         self.registry = registry
-        self.id = uuid4().hex
-        #: The registry's stores that joined the transaction.
-        self.participants = 0
+        #: The registry's stores that joined, by name.
+        self.members: dict[str, Store] = {}
+        self.voted = False
+        #: Stores that only read: committed at the vote.
+        self.readers: set[str] = set()
         self.decider: str | None = None
         self.gtrid = ""
-        #: Stores whose PREPARE was sent (it may have happened even if it failed).
-        self.preparing: set[str] = set()
-        #: Stores committed (or rolled back) and done with.
+        self.xid = 0
+        self.pid = 0
+        #: Stores whose PREPARE was sent, with their session's backend pid.
+        self.preparing: dict[str, int] = {}
+        #: Stores committed or rolled back, and done with.
         self.finished: set[str] = set()
         #: The decider's COMMIT was sent.
         self.deciding = False
@@ -135,77 +126,88 @@ class Commit:
 
     # -- the phases ---------------------------------------------------------
 
-    def vote(self, store: Store, name: str, txn: Any) -> None:
-        """Record the decision (the decider) or prepare (the others); nothing in one phase."""
-        if len(txn._resources) == 1:
+    def vote(self) -> None:
+        """At the first store's vote: set readers aside, choose the decider, prepare the rest."""
+        if self.voted:
             return
-        if self.decider is None:  # the first store to vote decides
-            self.decider = name
-            self.gtrid = f"{PREFIX}{self.id}:{database_key(self.registry, name)}:{name}"
-            _ensure_log_table(self.registry, name)
-            finished = _finished_decisions(self.registry).pop(name, None)
-            if finished is not None:
-                store.execute(f"DELETE FROM {LOG_TABLE} WHERE gtrid = ?", (finished,))
-            store.execute(
-                f"INSERT INTO {LOG_TABLE} (gtrid, committed) VALUES (?, true)",
-                (self.gtrid,),
-                noresult=True,
-            )
+        self.voted = True
+        if len(self.members) < 2:
             return
-        self.preparing.add(name)
-        store.execute("PREPARE TRANSACTION ?", (self.gid(name),), noresult=True)
-
-    def finish(self, store: Store, name: str, commit_store: Any) -> None:
-        """Commit ``store``'s part: the decider's COMMIT, or a COMMIT PREPARED.
-
-        ``commit_store()`` commits the decider as a one-phase store is.
-
-        :raises: what the decider's COMMIT raised, unless its outcome could be
-            settled as committed; for another store, only when its prepared
-            transaction cannot be committed now.
-        """
-        if name not in self.preparing:
-            if name == self.decider:
-                self._finish_decider(commit_store)
+        writers: list[tuple[str, Store, int]] = []
+        for name, store in sorted(self.members.items()):
+            result = store.execute("SELECT pg_current_xact_id_if_assigned()::text")
+            xid = result.get_one()[0]
+            if xid is None:
+                store.commit()  # it only read: nothing of it to coordinate
+                self.readers.add(name)
+                self.finished.add(name)
             else:
-                commit_store()  # one phase
-            self.finished.add(name)
-        else:
-            self._end_prepared(store, name, commit=True)
-        if self.decider is not None and self.decided and len(self.finished) == self.participants:
-            # Every part committed: the decision row can go, with the thread's next one.
-            _finished_decisions(self.registry)[self.decider] = self.gtrid
+                writers.append((name, store, int(xid)))
+        if len(writers) < 2:
+            return  # one writer: one phase
+        self.decider, decider, self.xid = writers[0]
+        self.pid = _backend_pid(decider)
+        key = database_key(self.registry, self.decider)
+        self.gtrid = f"{PREFIX}{key}:{self.xid}:{self.pid}:{self.decider}"
+        for name, store, _ in writers[1:]:
+            self.preparing[name] = _backend_pid(store)
+            result = store.execute("PREPARE TRANSACTION ?", (self.gid(name),))
+            status = result._raw_cursor.statusmessage
+            result.close()
+            if status != "PREPARE TRANSACTION":  # PostgreSQL rolled back a failed transaction
+                del self.preparing[name]
+                raise ConfigurationError(
+                    f"the transaction of the store {name!r} had failed (an error the "
+                    "application caught) and was rolled back, so none of the stores commit; "
+                    "after a failed statement, roll back (a savepoint) or let the error through"
+                )
 
-    def _finish_decider(self, commit_store: Any) -> None:
+    def finish(self, store: Store, name: str, commit_store: Callable[[], None]) -> None:
+        """Commit ``store``'s part: in one phase, the decider's COMMIT, or a COMMIT PREPARED.
+
+        :raises: what committing the part raised, unless the outcome could be
+            settled as committed.
+        """
+        if name in self.finished:
+            return
+        if name in self.preparing:
+            self._end_prepared(store, name, commit=True)
+        elif name == self.decider:
+            self._finish_decider(commit_store)
+        else:
+            commit_store()  # one phase
+        self.finished.add(name)
+
+    def _finish_decider(self, commit_store: Callable[[], None]) -> None:
         self.deciding = True
         try:
             commit_store()
-        except DisconnectionError as error:
-            self.decided = _settle(self.registry, self.decider or "", self.gtrid)
+        except BaseException as error:
+            self.decided = _settle(self.registry, self.decider or "", self.xid, self.pid)
             if self.decided:
                 log.warning(
-                    "the connection was lost during the COMMIT of %s; the decision to "
-                    "commit is recorded, so the transaction is committed",
+                    "the COMMIT of %s failed (%s: %s), but the transaction is committed",
                     self.gtrid,
+                    type(error).__name__,
+                    str(error).strip(),
                 )
                 return
-            if self.decided is False:
+            if self.decided is None:
+                raise CommitInDoubtError(
+                    f"the COMMIT of {self.gtrid} failed ({type(error).__name__}: "
+                    f"{str(error).strip()}) and its outcome could not be settled: its other "
+                    "parts stay prepared until middlestorm.twophase.recover() settles them"
+                ) from error
+            if isinstance(error, DisconnectionError):
                 raise CommitRolledBack(
                     f"the connection was lost during the COMMIT of {self.gtrid}, which was "
                     "found rolled back: nothing of it was committed"
                 ) from error
-            raise CommitInDoubtError(
-                f"the connection was lost during the COMMIT of {self.gtrid}, and its outcome "
-                "could not be settled: its other parts stay prepared until "
-                "middlestorm.twophase.recover() settles them"
-            ) from error
-        except Exception:
-            self.decided = False
             raise
         self.decided = True
 
     def settle(self, store: Store, name: str) -> None:
-        """End the part of a store the transaction aborts, as the decision says.
+        """End the part of a store the transaction aborts, as the decider's outcome says.
 
         A prepared part is committed if the decider committed, left prepared
         for :func:`recover` if that is unknown, and rolled back otherwise.
@@ -237,11 +239,13 @@ class Commit:
         try:
             store.execute(f"{verb} PREPARED ?", (gid,), noresult=True)
         except Exception as error:
-            if _pgcode(error) == _UNDEFINED_OBJECT:  # settled already, by recover()
+            if sqlstate(error) == _UNDEFINED_OBJECT:
+                # Gone: settled already by recover(), which commits only what the
+                # decider committed; or a PREPARE that never happened, rolled back.
                 _reset(store)
                 return
             _reset(store, lost=True)
-            if _end_elsewhere(self.registry, name, gid, commit):
+            if _end_elsewhere(self.registry, name, gid, commit, self.preparing[name]):
                 return
             if commit:
                 raise CommitInDoubtError(
@@ -256,20 +260,17 @@ class Commit:
 
 
 def for_transaction(registry: StoreRegistry, txn: Any) -> Commit:
-    """The two-phase commit of ``txn`` among ``registry``'s stores, made on first use."""
+    """The commit of ``txn`` among ``registry``'s stores, made on first use."""
     commit: Commit | None = registry._txn_ids.get(txn)
     if commit is None:
         commit = registry._txn_ids[txn] = Commit(registry)
     return commit
 
 
-def _finished_decisions(registry: StoreRegistry) -> dict[str, str]:
-    """Per thread: the decision row, per decider, of the thread's last completed commit."""
-    local = registry._local.__dict__
-    decisions: dict[str, str] | None = local.get("twophase_finished")
-    if decisions is None:
-        decisions = local["twophase_finished"] = {}
-    return decisions
+def _backend_pid(store: Store) -> int:
+    """The store's session's backend pid, as the client knows it (no round trip)."""
+    raw = store._connection._raw_connection
+    return int(raw.get_backend_pid()) if raw is not None else 0
 
 
 def _reset(store: Store, *, lost: bool = False) -> None:
@@ -295,56 +296,11 @@ def _reset(store: Store, *, lost: bool = False) -> None:
         log.debug("resetting a store failed", exc_info=True)
 
 
-def _pgcode(error: BaseException) -> str | None:
-    while error is not None:
-        code = getattr(error, "pgcode", None) or getattr(error, "_pgcode", None)
-        if code:
-            return str(code)
-        error = error.__cause__ or error.__context__  # type: ignore[assignment]
-    return None
-
-
-_ensure_lock = threading.Lock()
-
-
-def _ensure_log_table(registry: StoreRegistry, name: str) -> None:
-    """Make the decision table in ``name``'s database, once per registry and process."""
-    ensured: set[str] = registry.__dict__.setdefault("_twophase_tables", set())
-    if name in ensured:
-        return
-    with _ensure_lock:
-        if name not in ensured:
-            with _raw_connection(registry, name) as raw:
-                _make_log_table(raw.cursor(), name)
-            ensured.add(name)
-
-
-def _make_log_table(cursor: Any, name: str) -> None:
-    if _has_log_table(cursor):
-        return
-    try:
-        cursor.execute(LOG_TABLE_SQL)
-    except Exception as error:
-        if not _has_log_table(cursor):  # another process may have made it meanwhile
-            raise ConfigurationError(
-                f"two-phase commit records its decisions in a table {LOG_TABLE} in the "
-                f"database of the store {name!r}, which could not be created "
-                f"({type(error).__name__}: {str(error).strip()}); create it there: "
-                f"{LOG_TABLE_SQL}"
-            ) from error
-
-
-def _has_log_table(cursor: Any) -> bool:
-    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (LOG_TABLE,))
-    return bool(cursor.fetchone()[0])
-
-
 @contextmanager
-def _raw_connection(registry: StoreRegistry, name: str) -> Iterator[Any]:
-    """A psycopg2 connection of its own to ``name``'s database, in autocommit mode."""
-    database = registry.database(name)
+def _new_connection(registry: StoreRegistry, name: str) -> Iterator[Any]:
+    """A psycopg2 connection of its own to ``name``'s database (never a spare), autocommit."""
     try:
-        raw = database.raw_connect()
+        raw = handoff.connect_fresh(registry.database(name))
     except Exception as error:
         raise DisconnectionError(str(error).strip()) from error
     try:
@@ -354,36 +310,54 @@ def _raw_connection(registry: StoreRegistry, name: str) -> Iterator[Any]:
         raw.close()
 
 
-def _settle(registry: StoreRegistry, decider: str, gtrid: str) -> bool | None:
-    """The outcome of ``gtrid``, fixed for good: True committed, False rolled back.
+def _status(cursor: Any, xid: int) -> str | None:
+    cursor.execute("SELECT pg_xact_status(%s::text::xid8)", (str(xid),))
+    return cursor.fetchone()[0]
 
-    Writes a decision to roll back unless the decider's decision to commit is
-    there; if the decider's transaction is still open, the INSERT waits for it
-    (up to :data:`LOCK_TIMEOUT`). None when the database cannot tell.
+
+def _settle(
+    registry: StoreRegistry, decider: str, xid: int, pid: int, *, end_session: bool = True
+) -> bool | None:
+    """The decider's outcome, from PostgreSQL: True committed, False rolled back.
+
+    A transaction still in progress is the decider's session, whose client
+    may be gone: with ``end_session``, that session (only if it still runs
+    that transaction) is ended first, which settles it. None when the
+    database cannot tell (unreachable, still in progress, or too old).
     """
     try:
-        with _raw_connection(registry, decider) as raw:
+        with _new_connection(registry, decider) as raw:
             cursor = raw.cursor()
-            cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-            _make_log_table(cursor, decider)
-            cursor.execute(
-                f"INSERT INTO {LOG_TABLE} (gtrid, committed) VALUES (%s, false) "
-                "ON CONFLICT (gtrid) DO NOTHING",
-                (gtrid,),
-            )
-            cursor.execute(f"SELECT committed FROM {LOG_TABLE} WHERE gtrid = %s", (gtrid,))
-            return bool(cursor.fetchone()[0])
+            status = _status(cursor, xid)
+            if status == "in progress" and end_session:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity "
+                    "WHERE pid = %s AND backend_xid::text = (%s::bigint %% 4294967296)::text",
+                    (TERMINATE_TIMEOUT_MS, pid, xid),
+                )
+                status = _status(cursor, xid)
     except Exception:
-        log.exception("the outcome of %s could not be settled", gtrid)
+        log.exception("the outcome of transaction %s could not be read", xid)
         return None
+    return {"committed": True, "aborted": False}.get(status or "")
 
 
-def _end_elsewhere(registry: StoreRegistry, name: str, gid: str, commit: bool) -> bool:
-    """COMMIT or ROLLBACK PREPARED ``gid`` on a new connection; false if that failed."""
+def _end_elsewhere(registry: StoreRegistry, name: str, gid: str, commit: bool, pid: int) -> bool:
+    """COMMIT or ROLLBACK PREPARED ``gid`` on a new connection; false if that failed.
+
+    A PREPARE whose reply was lost may still be running in its old session:
+    that session is ended first (only if it still runs that PREPARE).
+    """
     verb = "COMMIT" if commit else "ROLLBACK"
     try:
-        with _raw_connection(registry, name) as raw:
-            _end(raw.cursor(), verb, gid)
+        with _new_connection(registry, name) as raw:
+            cursor = raw.cursor()
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity "
+                "WHERE pid = %s AND state = 'active' AND query LIKE %s",
+                (TERMINATE_TIMEOUT_MS, pid, f"PREPARE TRANSACTION '{gid}'%"),
+            )
+            _end(cursor, verb, gid)
     except Exception:
         log.warning("%s PREPARED %s failed", verb, gid, exc_info=True)
         return False
@@ -394,7 +368,7 @@ def _end(cursor: Any, verb: str, gid: str) -> None:
     try:
         cursor.execute(f"{verb} PREPARED %s", (gid,))
     except Exception as error:
-        if _pgcode(error) != _UNDEFINED_OBJECT:
+        if sqlstate(error) != _UNDEFINED_OBJECT:
             raise
 
 
@@ -449,7 +423,7 @@ class _Databases:
                 continue
             seen.add(uri)
             try:
-                raw = registry.database(name).raw_connect()
+                raw = handoff.connect_fresh(registry.database(name))
                 raw.autocommit = True
             except Exception as error:
                 self.unreachable[name] = f"{type(error).__name__}: {str(error).strip()}"
@@ -463,57 +437,33 @@ class _Databases:
             except Exception:
                 log.debug("closing a connection failed", exc_info=True)
 
-    def query(self, name: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
-        cursor = self.connections[name].cursor()
-        cursor.execute(statement, params)
-        return cursor.fetchall() if cursor.description else []
-
-    def connection_of(self, name: str) -> str | None:
-        """The connection (named for the first store on it) to the database of store ``name``."""
-        uris = self.registry._default_uris
-        return next((key for key in self.connections if uris[key] == uris[name]), None)
-
-    def decider_of(self, decider: str, key: str) -> str | None:
-        """The registry's store that decides a transaction, if it has it."""
-        uris = self.registry._default_uris
-        if decider in uris and database_key(self.registry, decider) == key:
-            return decider
-        return None
-
     def prepared(self) -> list[PreparedBranch]:
         """Every middlestorm transaction part prepared in the registry's databases."""
+        uris = self.registry._default_uris
         branches: dict[str, PreparedBranch] = {}
-        for name in self.connections:
-            rows = self.query(
-                name,
+        for name, raw in self.connections.items():
+            cursor = raw.cursor()
+            cursor.execute(
                 "SELECT gid, extract(epoch FROM now() - prepared) FROM pg_prepared_xacts "
-                "WHERE database = current_database() AND gid LIKE 'middlestorm:%%' "
-                "ORDER BY prepared",
+                "WHERE database = current_database() AND gid LIKE 'middlestorm:%' "
+                "ORDER BY prepared"
             )
-            for gid, age in rows:
+            for gid, age in cursor.fetchall():
                 match = _GID.fullmatch(gid)
                 if match is None or gid in branches:
                     continue
-                decider = self.decider_of(match["decider"], match["key"])
+                decider = match["decider"]
                 branches[gid] = PreparedBranch(
                     store=name,
                     gid=gid,
                     gtrid=gid.rsplit(":", 1)[0],
                     branch=match["branch"],
-                    decider=match["decider"],
+                    decider=decider,
                     age=float(age),
-                    resolvable=decider is not None,
+                    resolvable=decider in uris
+                    and database_key(self.registry, decider) == match["key"],
                 )
         return list(branches.values())
-
-    def decisions(self) -> dict[str, list[str]]:
-        """Per database with a decision table: the transactions it decided."""
-        found = {}
-        for name in self.connections:
-            if self.query(name, "SELECT to_regclass(%s) IS NOT NULL", LOG_TABLE)[0][0]:
-                rows = self.query(name, f"SELECT gtrid FROM {LOG_TABLE}")
-                found[name] = [gtrid for (gtrid,) in rows]
-        return found
 
 
 def in_doubt(registry: StoreRegistry) -> list[PreparedBranch]:
@@ -535,35 +485,28 @@ def in_doubt(registry: StoreRegistry) -> list[PreparedBranch]:
         databases.close()
 
 
-def recover(registry: StoreRegistry) -> list[Resolution]:
-    """Commit or roll back the transactions a crash left prepared, as their decider decided.
+def recover(registry: StoreRegistry, *, grace: float = 30.0) -> list[Resolution]:
+    """Commit or roll back the transactions a crash left prepared, as their decider ended.
 
-    Safe while the application runs: a transaction still committing is
-    waited for, never guessed at. Run it when a process starts, or from a
-    periodic job: a prepared transaction keeps its locks until it is settled.
+    Safe while the application runs. A decider still in progress is left
+    alone while its parts are younger than ``grace`` seconds (it is most
+    likely committing); after that its client is taken for gone, and its
+    session is ended, which settles it. Run it when a process starts, or
+    from a periodic job: a prepared transaction keeps its locks until settled.
 
     :returns: what was done, one :class:`Resolution` per transaction.
     """
     databases = _Databases(registry)
     try:
-        # Decisions first: a decision visible now was made after all its parts
-        # were prepared, so the listing below shows any still prepared.
-        decisions = databases.decisions()
         groups: dict[str, list[PreparedBranch]] = {}
         for branch in databases.prepared():
             groups.setdefault(branch.gtrid, []).append(branch)
-        resolutions = [_resolve(databases, tuple(group)) for group in groups.values()]
-        if not databases.unreachable:
-            for name, gtrids in decisions.items():
-                for gtrid in gtrids:
-                    if gtrid not in groups:
-                        databases.query(name, f"DELETE FROM {LOG_TABLE} WHERE gtrid = %s", gtrid)
-        return resolutions
+        return [_resolve(databases, tuple(group), grace) for group in groups.values()]
     finally:
         databases.close()
 
 
-def _resolve(databases: _Databases, group: tuple[PreparedBranch, ...]) -> Resolution:
+def _resolve(databases: _Databases, group: tuple[PreparedBranch, ...], grace: float) -> Resolution:
     first = group[0]
     if not first.resolvable:
         return Resolution(
@@ -571,33 +514,39 @@ def _resolve(databases: _Databases, group: tuple[PreparedBranch, ...]) -> Resolu
             f"its deciding store {first.decider!r} is not one of this registry's "
             "(another application's, or this one's with other stores or URIs)",
         )  # fmt: skip
-    commit = _settle(databases.registry, first.decider, first.gtrid)
+    match = _GID.fullmatch(first.gid)
+    assert match is not None
+    started = time.monotonic()
+    commit = _settle(
+        databases.registry,
+        first.decider,
+        int(match["xid"]),
+        int(match["pid"]),
+        end_session=min(branch.age for branch in group) >= grace,
+    )
     if commit is None:
         return Resolution(
             first.gtrid, "undecided", group, group,
-            f"the database of its deciding store {first.decider!r} could not settle it",
+            f"the database of its deciding store {first.decider!r} could not tell its outcome "
+            f"(unreachable, still committing within {grace:g} s, or too old to remember)",
         )  # fmt: skip
     verb = "COMMIT" if commit else "ROLLBACK"
-    left = []
-    problems = []
+    left, problems = [], []
     for branch in group:
         try:
             _end(databases.connections[branch.store].cursor(), verb, branch.gid)
         except Exception as error:
             left.append(branch)
             problems.append(f"{branch.branch}: {type(error).__name__}: {str(error).strip()}")
-    decider = databases.connection_of(first.decider)
-    if not left and not databases.unreachable and decider is not None:
-        databases.query(decider, f"DELETE FROM {LOG_TABLE} WHERE gtrid = %s", first.gtrid)
     outcome: Literal["committed", "rolled back"] = "committed" if commit else "rolled back"
-    reason = (
-        "its decider committed: the decision to commit is recorded"
-        if commit
-        else "its decider never committed: the decision to roll back is recorded"
-    )
-    if databases.unreachable:
-        reason += "; some databases could not be reached: parts there are settled by a later run"
+    reason = f"its decider {'committed' if commit else 'never committed'}"
     if problems:
         reason += "; " + "; ".join(problems)
-    log.warning("two-phase transaction %s %s: %s", first.gtrid, outcome, reason)
+    log.warning(
+        "two-phase transaction %s %s in %.3f s: %s",
+        first.gtrid,
+        outcome,
+        time.monotonic() - started,
+        reason,
+    )
     return Resolution(first.gtrid, outcome, group, tuple(left), reason)

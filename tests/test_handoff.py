@@ -54,26 +54,6 @@ def test_a_new_thread_takes_the_connection_of_a_thread_that_ended(pg, closing):
     assert pg.backends() == 1
 
 
-def test_a_handed_over_connection_keeps_nothing_of_the_ended_threads_transaction(pg, closing):
-    registry = closing(StoreRegistry({"main": pg.uri}))
-
-    def leave_uncommitted() -> int:
-        store = registry.get()
-        store.add(Note("never committed"))
-        store.flush()
-        return store.execute("SELECT pg_backend_pid()").get_one()[0]
-
-    first = in_thread(leave_uncommitted)
-    assert handed_over(registry)
-
-    def commit_own() -> int:
-        registry.get().add(Note("committed"))
-        return backend_pid(registry)
-
-    assert in_thread(commit_own) == first
-    assert pg.notes() == ["committed"]
-
-
 def test_no_more_connections_than_spare_connections_are_kept(pg, closing):
     registry = closing(StoreRegistry({"main": pg.uri}, spare_connections=2))
     barrier = threading.Barrier(5)
@@ -202,3 +182,40 @@ def test_a_forked_child_never_takes_its_parents_spare_connection(pg, closing):
 def test_bad_spare_settings_are_refused_with_a_message_that_names_them(options, message):
     with pytest.raises(ConfigurationError, match=message):
         StoreRegistry({"main": "sqlite:"}, **options)
+
+
+def test_a_handed_over_connection_keeps_nothing_of_the_ended_threads_session(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+
+    def leave_session_state() -> int:
+        store = registry.get()
+        store.execute("SELECT pg_advisory_lock(4242)")
+        store.execute("SET statement_timeout = 1234")
+        return backend_pid(registry)
+
+    first = in_thread(leave_session_state)
+    assert handed_over(registry)
+
+    def look() -> tuple[int, str]:
+        store = registry.get()
+        timeout = store.execute("SHOW statement_timeout").get_one()[0]
+        return backend_pid(registry), timeout
+
+    second, timeout = in_thread(look)
+
+    assert second == first
+    assert timeout == "0"
+    assert pg.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")[0][0] == 0
+
+
+def test_a_thread_that_ended_inside_a_transaction_hands_nothing_over(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+
+    def leave_a_transaction_open() -> None:
+        registry.get().execute("INSERT INTO note (body) VALUES ('never committed')")
+
+    in_thread(leave_a_transaction_open)
+
+    assert wait_for(lambda: pg.backends() == 0)  # closed, so its locks went at once
+    assert spare_count(registry.database()) == 0
+    assert pg.notes() == []
