@@ -23,6 +23,7 @@ MEASUREMENTS = {
 DELEGATED = {
     "responses": ("benchmarks.responses", "memory for a HEAD, time for a file download"),
     "soak": ("benchmarks.soak", "minutes of load while PostgreSQL is broken, then an audit"),
+    "workers": ("benchmarks.workers", "per-call cost of units of work for Twisted or asyncio"),
 }
 
 

@@ -137,14 +137,17 @@ class StoreDataManager(StormDataManager):
     def tpc_finish(self, txn: Any) -> None:
         committed_before = txn.extension.get(COMMITTED_STORES, 0)
         token = _finishing.set(True)
+        committed = True
         try:
             if self.two_phase is None:
                 self._store.commit()
             else:
-                self.two_phase.finish(self._store, self.name, self._store.commit)
-        except (CommitInDoubtError, twophase.CommitRolledBack):
+                committed = self.two_phase.finish(self._store, self.name, self._store.commit)
+        except CommitInDoubtError:
             raise
         except Exception as error:
+            # A two-phase transaction found rolled back (CommitRolledBack) may be
+            # run again, unless something else of it committed, as below.
             if isinstance(error, DisconnectionError):
                 raise CommitInDoubtError(
                     "the connection was lost during the COMMIT: the database may or may not "
@@ -165,8 +168,9 @@ class StoreDataManager(StormDataManager):
             raise
         finally:
             _finishing.reset(token)
-        txn.extension[COMMITTED_STORES] = committed_before + 1
-        work.note_commit()
+        if committed:  # not a store that only read, settled at the vote
+            txn.extension[COMMITTED_STORES] = committed_before + 1
+            work.note_commit()
         self._hook_register_transaction_event()
 
     def savepoint(self) -> StoreSavepoint:

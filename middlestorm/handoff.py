@@ -3,11 +3,12 @@
 A server that runs every request in a new thread (werkzeug's development
 server, ``socketserver.ThreadingMixIn``) would open a PostgreSQL connection
 per request: a store belongs to its thread, and its connection is closed when
-the thread ends. Instead, a thread that ends hands its connection to the
-next thread that opens one for the same database, which resets it first:
-ROLLBACK, then ``DISCARD ALL`` (no transaction, advisory lock, temporary
-table, LISTEN or setting of the ended thread's session is left); one that
-fails the reset is closed, and a new one opened.
+the thread ends. Instead, a thread that ends hands its connection over, if
+it is idle, to the next thread that opens one for the same database. A
+thread of the pool's own resets it at once (``DISCARD ALL``: no advisory
+lock, temporary table, LISTEN or setting of the ended thread's session is
+left); one that fails the reset is closed. A connection whose thread ended
+inside a transaction is closed, so that its locks go at once.
 
 At most ``keep`` connections wait per database; one that waited longer than
 ``timeout`` seconds is closed. A forked child never takes its parent's.
@@ -39,42 +40,66 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Seconds a thread opening a connection waits for a spare being reset.
+RESET_WAIT = 1.0
+
 _pools: weakref.WeakSet[SpareConnections] = weakref.WeakSet()
 #: Connections inherited across fork(): the parent's sessions, never closed here.
 _inherited: list[Any] = []
 
 
 class SpareConnections:
-    """The idle connections of ended threads, for one database."""
+    """The idle connections of ended threads, for one database.
+
+    A connection handed over is reset (:func:`_reset_session`) by a thread of
+    the pool's own, the janitor, soon after, or by the thread that takes it
+    first; the janitor also closes those kept longer than ``timeout``.
+    """
 
     def __init__(self, database: Database, keep: int, timeout: float) -> None:
         self.keep = keep
         self.timeout = timeout
         self._connect = database.raw_connect
-        self._idle: list[tuple[float, Any]] = []  # (handed over at, raw connection)
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        #: (handed over at, raw connection): reset and ready, and not reset yet.
+        self._ready: list[tuple[float, Any]] = []
+        self._dirty: list[tuple[float, Any]] = []
+        #: How many the janitor is resetting, and how many times close() was called.
+        self._resetting = 0
+        self._closings = 0
+        self._lock = threading.Condition()
+        self._janitor: threading.Thread | None = None
         _pools.add(self)
 
     def __len__(self) -> int:
-        return len(self._idle)
+        return len(self._ready) + len(self._dirty) + self._resetting
 
     def raw_connect(self) -> Any:
-        """A spare connection, reset, if one is healthy; else a new one.
+        """A spare connection if one is healthy (reset first if need be); else a new one.
 
-        It replaces the database's ``raw_connect``. The reset (ROLLBACK,
-        ``DISCARD ALL``) is done here, in the thread that takes the
-        connection, never where the ended thread's stores are finalized.
+        It replaces the database's ``raw_connect``.
         """
         while True:
             with self._lock:
-                if not self._idle:
+                deadline = time.monotonic() + RESET_WAIT
+                while not self._ready and not self._dirty and self._resetting:
+                    # being reset: a round trip or two away, sooner than a new connection
+                    if not self._lock.wait(max(0.0, deadline - time.monotonic())):
+                        break
+                if self._ready:
+                    _, raw = self._ready.pop()  # the most recent: the least likely stale
+                    ready = True
+                elif self._dirty:
+                    _, raw = self._dirty.pop()
+                    ready = False
+                else:
                     break
-                _, raw = self._idle.pop()  # the most recent: the least likely to be stale
             try:
-                _reset_session(raw)
+                if ready and not _idle(raw):
+                    raise ConnectionError("the connection is closed or inside a transaction")
+                if not ready:
+                    _reset_session(raw)
             except Exception:
-                log.debug("a spare connection could not be reset; it is closed", exc_info=True)
+                log.debug("a spare connection is unusable; it is closed", exc_info=True)
                 _close(raw)
             else:
                 return raw
@@ -83,9 +108,10 @@ class SpareConnections:
     def take_back(self, store: Store) -> bool:
         """Keep the connection of ``store``, whose thread ended; false if it is not kept.
 
-        Nothing is sent: a connection that is closed, inside a transaction
-        or beyond ``keep`` is not kept (the caller closes it); the next
-        thread to take it resets it.
+        Nothing is sent from here (the ended thread's stores may be finalized
+        anywhere): a connection that is closed, inside a transaction or
+        beyond ``keep`` is not kept (the caller closes it); the janitor
+        resets the others.
         """
         connection = store._connection
         raw = connection._raw_connection
@@ -94,10 +120,10 @@ class SpareConnections:
         if not _idle(raw):  # mid-transaction: closing it is how its locks go at once
             return False
         with self._lock:
-            if len(self._idle) >= self.keep:
+            if len(self) >= self.keep:
                 return False
-            self._idle.append((time.monotonic(), raw))
-            self._schedule()
+            self._dirty.append((time.monotonic(), raw))
+            self._wake()
         connection._raw_connection = None  # the store's close() leaves it alone
         connection._closed = True
         return True
@@ -105,36 +131,65 @@ class SpareConnections:
     def close(self) -> None:
         """Close every spare connection now."""
         with self._lock:
-            idle, self._idle = self._idle, []
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-        for _, raw in idle:
+            spares = self._ready + self._dirty
+            self._ready, self._dirty = [], []
+            self._closings += 1  # those being reset are closed by the janitor
+            self._lock.notify_all()
+        for _, raw in spares:
             _close(raw)
 
-    def _schedule(self) -> None:
-        """Under the lock: have the oldest spare closed when it has waited too long."""
-        if self._timer is None and self._idle:
-            delay = max(0.0, self._idle[0][0] + self.timeout - time.monotonic())
-            self._timer = threading.Timer(delay, self._expire)
-            self._timer.daemon = True
-            self._timer.start()
+    def _wake(self) -> None:
+        """Under the lock: have the janitor look at the spares."""
+        if self._janitor is None or not self._janitor.is_alive():
+            self._janitor = threading.Thread(
+                target=self._tidy, name="middlestorm-spare-connections", daemon=True
+            )
+            self._janitor.start()
+        self._lock.notify_all()
 
-    def _expire(self) -> None:
-        deadline = time.monotonic() - self.timeout
-        with self._lock:
-            expired = [raw for handed, raw in self._idle if handed <= deadline]
-            self._idle = [(handed, raw) for handed, raw in self._idle if handed > deadline]
-            self._timer = None
-            self._schedule()
-        for raw in expired:
-            _close(raw)
+    def _tidy(self) -> None:
+        """The janitor: reset spares handed over, close those kept too long; end when none."""
+        while True:
+            with self._lock:
+                while not self._dirty and self._ready:
+                    wait = self._ready[0][0] + self.timeout - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._lock.wait(wait)
+                if not self._dirty and not self._ready:
+                    self._janitor = None
+                    return
+                dirty, self._dirty = self._dirty, []
+                self._resetting, closings = len(dirty), self._closings
+                deadline = time.monotonic() - self.timeout
+                expired = [raw for handed, raw in self._ready if handed <= deadline]
+                self._ready = [(handed, raw) for handed, raw in self._ready if handed > deadline]
+            for raw in expired:
+                _close(raw)
+            for handed, raw in dirty:
+                try:
+                    _reset_session(raw)
+                except Exception:
+                    log.debug("a spare connection could not be reset; it is closed", exc_info=True)
+                    usable = False
+                else:
+                    usable = True
+                with self._lock:
+                    self._resetting -= 1
+                    usable = usable and closings == self._closings
+                    if usable:
+                        self._ready.append((handed, raw))
+                        self._ready.sort(key=lambda spare: spare[0])
+                    self._lock.notify_all()
+                if not usable:
+                    _close(raw)
 
     def _after_fork(self) -> None:
-        _inherited.extend(raw for _, raw in self._idle)
-        self._idle = []
-        self._lock = threading.Lock()
-        self._timer = None
+        _inherited.extend(raw for _, raw in self._ready + self._dirty)
+        self._ready, self._dirty = [], []
+        self._resetting = 0
+        self._lock = threading.Condition()
+        self._janitor = None
 
 
 def install(database: Database, keep: int, timeout: float) -> SpareConnections | None:
@@ -202,6 +257,8 @@ def _reset_session(raw: Any) -> None:
         cursor.close()
     finally:
         raw.autocommit = False
+    del raw.notices[:]  # what the server told the ended thread is not the next one's
+    del raw.notifies[:]
 
 
 def _close(raw: Any) -> None:

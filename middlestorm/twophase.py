@@ -162,14 +162,15 @@ class Commit:
                     "after a failed statement, roll back (a savepoint) or let the error through"
                 )
 
-    def finish(self, store: Store, name: str, commit_store: Callable[[], None]) -> None:
+    def finish(self, store: Store, name: str, commit_store: Callable[[], None]) -> bool:
         """Commit ``store``'s part: in one phase, the decider's COMMIT, or a COMMIT PREPARED.
 
+        :returns: false for a store whose part had ended already (it only read).
         :raises: what committing the part raised, unless the outcome could be
             settled as committed.
         """
         if name in self.finished:
-            return
+            return False
         if name in self.preparing:
             self._end_prepared(store, name, commit=True)
         elif name == self.decider:
@@ -177,6 +178,7 @@ class Commit:
         else:
             commit_store()  # one phase
         self.finished.add(name)
+        return True
 
     def _finish_decider(self, commit_store: Callable[[], None]) -> None:
         self.deciding = True

@@ -219,3 +219,38 @@ def test_a_thread_that_ended_inside_a_transaction_hands_nothing_over(pg, closing
     assert wait_for(lambda: pg.backends() == 0)  # closed, so its locks went at once
     assert spare_count(registry.database()) == 0
     assert pg.notes() == []
+
+
+def test_a_session_lock_of_an_ended_thread_goes_soon_though_no_thread_takes_its_connection(
+    pg, closing
+):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+
+    def lock_and_end() -> None:
+        registry.get().execute("SELECT pg_advisory_lock(4243)")
+        transaction.commit()
+
+    in_thread(lock_and_end)
+
+    assert wait_for(lambda: pg.query("SELECT pg_try_advisory_lock(4243)")[0][0])
+    assert spare_count(registry.database()) == 1
+
+
+def test_what_the_server_told_an_ended_thread_is_not_the_next_ones(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+
+    def be_told() -> None:
+        registry.get().execute("DO $$ BEGIN RAISE NOTICE 'for request 1 only'; END $$")
+        transaction.commit()
+
+    in_thread(be_told)
+    assert handed_over(registry)
+
+    def notices() -> list[str]:
+        store = registry.get()
+        store.execute("SELECT 1")
+        seen = list(store._connection._raw_connection.notices)
+        transaction.commit()
+        return seen
+
+    assert in_thread(notices) == []

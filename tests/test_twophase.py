@@ -567,3 +567,58 @@ def test_a_store_first_used_while_the_transaction_commits_stays_usable(dbs, regi
     run_in_transaction(registry, write_both(registry, "afterwards"), policy=ONCE)
 
     assert [db.notes() for db in dbs] == [["afterwards"], ["afterwards"]]
+
+
+def test_a_rollback_after_another_data_manager_committed_is_in_doubt_not_run_again(dbs, proxied):
+    proxy, registry = proxied
+
+    sent: list[str] = []
+
+    class Mailer(DataManager):
+        def sortKey(self) -> str:
+            return "mail"  # commits before the stores
+
+        def tpc_finish(self, txn) -> None:
+            sent.append("mail")
+
+    def work() -> None:
+        write_both(registry, "with mail")()
+        transaction.get().join(Mailer())
+
+    run_in_transaction(registry, write_both(registry, "warm up"), policy=ONCE)
+    proxy.arm(b"COMMIT", forward=False)
+
+    with pytest.raises(CommitInDoubtError):
+        run_in_transaction(registry, work)
+
+    assert sent == ["mail"]  # sent once: the request was not run again
+
+
+def test_a_store_that_only_read_does_not_stop_a_rolled_back_commit_from_running_again(
+    dbs, pg_cluster
+):
+    first, second = dbs
+    proxy = CuttingProxy(pg_cluster.port)
+    try:
+        decider = first.uri().replace(f":{pg_cluster.port}/", f":{proxy.port}/")
+        registry = StoreRegistry(
+            {"a": second.uri(), "b": decider, "c": second.uri()}, two_phase=True
+        )
+        attempts = []
+
+        def work() -> None:
+            attempts.append(len(attempts) + 1)
+            registry.get("a").execute("SELECT count(*) FROM note").get_one()  # reads only
+            for name in ("b", "c"):
+                registry.get(name).execute(
+                    "INSERT INTO note (body) VALUES (?)", (f"attempt {attempts[-1]}",)
+                )
+
+        run_in_transaction(registry, lambda: registry.get("b").execute("SELECT 1"), policy=ONCE)
+        proxy.arm(b"COMMIT", forward=False)
+        run_in_transaction(registry, work)
+    finally:
+        proxy.close()
+
+    assert attempts == [1, 2]
+    assert [db.notes() for db in dbs] == [["attempt 2"], ["attempt 2"]]
