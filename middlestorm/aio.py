@@ -31,10 +31,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from middlestorm.errors import ConfigurationError
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
 from middlestorm.timeouts import Timeouts
-from middlestorm.work import run_in_worker
+from middlestorm.work import check_workers, run_in_worker
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
@@ -61,12 +60,12 @@ class AsyncStores:
         policy: RetryPolicy = DEFAULT_POLICY,
         timeouts: Timeouts | None = None,
     ) -> None:
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ConfigurationError(f"workers must be a whole number >= 1, not {workers!r}")
         self.registry = registry
         self.policy = policy
         self.timeouts = timeouts
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="middlestorm-aio")
+        self._executor = ThreadPoolExecutor(
+            check_workers(workers), thread_name_prefix="middlestorm-aio"
+        )
         self._closed = False
 
     async def run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

@@ -32,10 +32,9 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 
-from middlestorm.errors import ConfigurationError
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
 from middlestorm.timeouts import Timeouts
-from middlestorm.work import run_in_worker
+from middlestorm.work import check_workers, run_in_worker
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
@@ -62,8 +61,6 @@ class DeferredStores:
         policy: RetryPolicy = DEFAULT_POLICY,
         timeouts: Timeouts | None = None,
     ) -> None:
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ConfigurationError(f"workers must be a whole number >= 1, not {workers!r}")
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -72,7 +69,7 @@ class DeferredStores:
         self.reactor = reactor
         self.policy = policy
         self.timeouts = timeouts
-        self._pool = ThreadPool(minthreads=0, maxthreads=workers, name="middlestorm")
+        self._pool = ThreadPool(minthreads=0, maxthreads=check_workers(workers), name="middlestorm")
         self._started = False
 
     def run(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred[Any]:

@@ -31,7 +31,7 @@ from storm.store import EmptyResultSet, ResultSet, Store
 
 from middlestorm import context
 from middlestorm import timeouts as limits
-from middlestorm.errors import MiddleStormError
+from middlestorm.errors import ConfigurationError, MiddleStormError
 from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import abort_quietly, end_transaction
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify
@@ -276,6 +276,16 @@ def run_in_transaction(
             end_unit(unit_token)
         return result
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+
+def check_workers(workers: object) -> int:
+    """A worker pool's size: a whole number of threads, at least 1.
+
+    :raises ConfigurationError: for anything else.
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigurationError(f"workers must be a whole number >= 1, not {workers!r}")
+    return workers
 
 
 def run_in_worker(
