@@ -59,9 +59,9 @@ class StoreRegistry(ZStorm):
     :param transaction_manager: the manager stores join; it must be
         thread-local: ``transaction.manager`` (the default) or a
         ``transaction.ThreadTransactionManager()`` of the registry's own.
-    :param two_phase: commit a transaction that several stores joined with
-        two-phase commit, so that all of them commit or none does
-        (:mod:`middlestorm.twophase`; PostgreSQL only, with
+    :param two_phase: commit a transaction in which several stores wrote
+        with two-phase commit, so that all of them commit or none does
+        (:mod:`middlestorm.twophase`; PostgreSQL 13 or later only, with
         ``max_prepared_transactions`` set).
     :param spare_connections: how many PostgreSQL connections of ended
         threads are kept, per database, for new threads to take
@@ -94,7 +94,11 @@ class StoreRegistry(ZStorm):
             raise ConfigurationError(
                 f"spare_connections must be a whole number >= 0, not {spare_connections!r}"
             )
-        if not isinstance(spare_timeout, (int, float)) or not spare_timeout > 0:
+        if (
+            not isinstance(spare_timeout, (int, float))
+            or isinstance(spare_timeout, bool)
+            or not 0 < spare_timeout < float("inf")
+        ):
             raise ConfigurationError(
                 f"spare_timeout must be a number of seconds > 0, not {spare_timeout!r}"
             )

@@ -177,6 +177,8 @@ def test_a_forked_child_never_takes_its_parents_spare_connection(pg, closing):
         ({"spare_connections": 1.5}, "spare_connections must be a whole number >= 0"),
         ({"spare_timeout": 0}, "spare_timeout must be a number of seconds > 0"),
         ({"spare_timeout": "30"}, "spare_timeout must be a number of seconds > 0"),
+        ({"spare_timeout": float("nan")}, "spare_timeout must be a number of seconds > 0"),
+        ({"spare_timeout": True}, "spare_timeout must be a number of seconds > 0"),
     ],
 )
 def test_bad_spare_settings_are_refused_with_a_message_that_names_them(options, message):
