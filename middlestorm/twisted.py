@@ -28,7 +28,6 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 
@@ -84,10 +83,15 @@ class DeferredStores:
             self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         cancelled = threading.Event()
         result: Deferred[Any] = Deferred(lambda _: cancelled.set())
-        threads.deferToThreadPool(
-            self.reactor, self._pool, run_in_worker, self.registry, cancelled, function, *args,
+        call_from_thread = self.reactor.callFromThread
+
+        def done(succeeded: bool, outcome: Any) -> None:  # in the worker thread
+            call_from_thread(result.callback if succeeded else result.errback, outcome)
+
+        self._pool.callInThreadWithCallback(
+            done, run_in_worker, self.registry, cancelled, function, *args,
             policy=self.policy, timeouts=self.timeouts, **kwargs,
-        ).chainDeferred(result)  # fmt: skip
+        )  # fmt: skip
         return result
 
     def stop(self) -> None:
