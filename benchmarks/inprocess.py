@@ -118,12 +118,11 @@ def _spread(values: dict[str, float], digits: int, sign: bool = False) -> str:
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     with open_targets(args) as targets:
         results = measure(args, targets)
-    tables = [table(results, args.rounds, args.requests)]
-    report.show(command, tables)
-    data = {
-        "sizes": {"requests": args.requests, "rounds": args.rounds, "threads": args.threads},
-        "cases": results,
-        "tables": [t.as_dict() for t in tables],
-    }
-    report.save("inprocess", command, data, args.results)
-    return data
+    return report.publish(
+        "inprocess",
+        command,
+        args,
+        ("requests", "rounds", "threads"),
+        results,
+        [table(results, args.rounds, args.requests)],
+    )

@@ -155,19 +155,14 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> report.Tab
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     with open_targets(args) as targets:
         results = measure(args, targets)
-    tables = [table(results, args)]
-    report.show(command, tables)
-    data = {
-        "sizes": {
-            "requests": args.requests,
-            "threads": args.threads,
-            "store_threads": args.store_threads,
-        },
-        "cases": results,
-        "tables": [t.as_dict() for t in tables],
-    }
-    report.save("memory", command, data, args.results)
-    return data
+    return report.publish(
+        "memory",
+        command,
+        args,
+        ("requests", "threads", "store_threads"),
+        results,
+        [table(results, args)],
+    )
 
 
 if __name__ == "__main__":

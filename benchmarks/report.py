@@ -112,6 +112,25 @@ class Table:
         return cls(data["title"], data["headers"], data["rows"], data.get("notes", []))
 
 
+def publish(
+    name: str,
+    command: str,
+    args: Any,
+    sizes: Sequence[str],
+    cases: Any,
+    tables: Sequence[Table],
+) -> dict[str, Any]:
+    """Print the tables, and save them with the cases and the sizes (``args``' attributes)."""
+    show(command, tables)
+    data = {
+        "sizes": {key: getattr(args, key) for key in sizes},
+        "cases": cases,
+        "tables": [table.as_dict() for table in tables],
+    }
+    save(name, command, data, args.results)
+    return data
+
+
 def show(command: str, tables: Sequence[Table]) -> None:
     """Print the command line, then each table."""
     print(f"$ {command}\n")

@@ -191,15 +191,11 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> report.Tab
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     with open_targets(args) as targets:
         results = measure(args, targets)
-    tables = [table(results, args)]
-    report.show(command, tables)
-    data = {
-        "sizes": {
-            key: getattr(args, key)
-            for key in ("seconds", "rounds", "connections", "server_threads", "workers")
-        },
-        "cases": results,
-        "tables": [t.as_dict() for t in tables],
-    }
-    report.save("servers", command, data, args.results)
-    return data
+    return report.publish(
+        "servers",
+        command,
+        args,
+        ("seconds", "rounds", "connections", "server_threads", "workers"),
+        results,
+        [table(results, args)],
+    )

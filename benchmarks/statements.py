@@ -83,12 +83,11 @@ def table(results: list[dict[str, Any]], requests: int, threads: int) -> report.
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     with open_targets(args) as targets:
         results = measure(args, targets)
-    tables = [table(results, args.requests, args.threads)]
-    report.show(command, tables)
-    data = {
-        "sizes": {"requests": args.requests, "threads": args.threads},
-        "cases": results,
-        "tables": [t.as_dict() for t in tables],
-    }
-    report.save("statements", command, data, args.results)
-    return data
+    return report.publish(
+        "statements",
+        command,
+        args,
+        ("requests", "threads"),
+        results,
+        [table(results, args.requests, args.threads)],
+    )

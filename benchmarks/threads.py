@@ -210,12 +210,6 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     args.databases = ["postgres"]
     with open_targets(args) as targets:
         results = measure(args, targets[0])
-    tables = [table(results, args)]
-    report.show(command, tables)
-    data = {
-        "sizes": {"requests": args.requests, "clients": args.clients, "rounds": args.rounds},
-        "cases": results,
-        "tables": [t.as_dict() for t in tables],
-    }
-    report.save("threads", command, data, args.results)
-    return data
+    return report.publish(
+        "threads", command, args, ("requests", "clients", "rounds"), results, [table(results, args)]
+    )
