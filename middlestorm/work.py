@@ -247,33 +247,24 @@ def run_in_transaction(
     :returns: what ``function`` returned in the attempt that committed.
     """
     if joins(registry):
-        if not savepoint:
-            return function()
-        with _savepoint(registry):
+        with _joined(registry, savepoint):
             return function()
     manager = registry.transaction_manager
     for attempt in attempts(policy):
-        manager.begin()
-        unit, unit_token = begin_unit(manager)
-        token = limits.bind(timeouts)
-        stores = context.bind(ThreadStores(registry))
-        try:
-            result = function()
-            if cancelled is not None and cancelled.is_set():
+        with _outermost(registry, timeouts) as unit:
+            try:
+                result = function()
+                if cancelled is not None and cancelled.is_set():
+                    abort_quietly(manager)
+                    raise Cancelled("the caller stopped waiting: the unit of work was rolled back")
+                end_transaction(registry, commit=True)
+            except Cancelled:
+                raise
+            except BaseException as error:
                 abort_quietly(manager)
-                raise Cancelled("the caller stopped waiting: the unit of work was rolled back")
-            end_transaction(registry, commit=True)
-        except Cancelled:
-            raise
-        except BaseException as error:
-            abort_quietly(manager)
-            if not unit.committed and attempt.failed(error) is Next.RETRY:
-                continue
-            raise
-        finally:
-            context.unbind(stores)
-            limits.unbind(token)
-            end_unit(unit_token)
+                if not unit.committed and attempt.failed(error) is Next.RETRY:
+                    continue
+                raise
         return result
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
@@ -367,24 +358,29 @@ def transaction(
     (in a savepoint with ``savepoint=True``).
     """
     if joins(registry):
-        if savepoint:
-            with _savepoint(registry):
-                yield
-        else:
+        with _joined(registry, savepoint):
             yield
         return
-    manager = registry.transaction_manager
-    manager.begin()
-    _, unit_token = begin_unit(manager)
-    token = limits.bind(timeouts)
-    stores = context.bind(ThreadStores(registry))
-    try:
+    with _outermost(registry, timeouts):
         try:
             yield
         except BaseException:
-            abort_quietly(manager)
+            abort_quietly(registry.transaction_manager)
             raise
         end_transaction(registry, commit=True)
+
+
+@contextmanager
+def _outermost(registry: StoreRegistry, timeouts: limits.Timeouts | None) -> Iterator[Unit]:
+    """A new transaction and a unit of work in it, with its limits and stores, undone at
+    the end of the block (which ends the transaction itself)."""
+    manager = registry.transaction_manager
+    manager.begin()
+    unit, unit_token = begin_unit(manager)
+    token = limits.bind(timeouts)
+    stores = context.bind(ThreadStores(registry))
+    try:
+        yield unit
     finally:
         context.unbind(stores)
         limits.unbind(token)
@@ -392,8 +388,12 @@ def transaction(
 
 
 @contextmanager
-def _savepoint(registry: StoreRegistry) -> Iterator[None]:
-    """Roll back to here if the block raises; the transaction goes on."""
+def _joined(registry: StoreRegistry, savepoint: bool) -> Iterator[None]:
+    """Inside an outer unit of work: its transaction, or a savepoint in it, rolled back
+    to if the block raises (the transaction goes on)."""
+    if not savepoint:
+        yield
+        return
     point = registry.transaction_manager.get().savepoint()
     try:
         yield
