@@ -47,7 +47,7 @@ def default_commit_veto(
     return not code.isdigit() or int(code) >= 400
 
 
-def _thread_manager(manager: ITransactionManager) -> TransactionManager | None:
+def thread_manager(manager: ITransactionManager) -> TransactionManager | None:
     """The calling thread's ``TransactionManager`` behind ``manager``, if it has one."""
     if isinstance(manager, ThreadTransactionManager):
         manager = manager.manager
@@ -63,14 +63,14 @@ def begin_transaction(manager: ITransactionManager) -> None:
     (``begin()`` aborts it): only then is it begun now. A unit of work that
     never uses one costs no transaction at all.
     """
-    inner = _thread_manager(manager)
+    inner = thread_manager(manager)
     if inner is None or inner._txn is not None or inner.explicit or inner._synchs:
         manager.begin()
 
 
 def under_way(manager: ITransactionManager) -> bool:
     """Whether the calling thread has a transaction of ``manager`` (true if it can't tell)."""
-    inner = _thread_manager(manager)
+    inner = thread_manager(manager)
     return inner is None or inner._txn is not None
 
 

@@ -34,6 +34,7 @@ from transaction.interfaces import ITransaction, ITransactionManager
 from middlestorm import datamanager, handoff, twophase, work
 from middlestorm.databases import DatabaseSpec, open_database
 from middlestorm.errors import ConfigurationError, UnknownStoreError, WrongThreadError
+from middlestorm.lifecycle import thread_manager
 
 __all__ = ["DEFAULT_STORE", "StoreRegistry"]
 
@@ -361,12 +362,10 @@ def _inherited_transaction(
     None when there is none, or when ``manager`` is of a kind whose
     transaction cannot be read without starting one.
     """
-    if isinstance(manager, transaction.ThreadTransactionManager):
-        manager = manager.manager  # the forking thread's own
-    if not isinstance(manager, transaction.TransactionManager):
+    inner = thread_manager(manager)  # a thread-local manager's: the forking thread's own
+    if inner is None or inner._txn is None:
         return None
-    current = getattr(manager, "_txn", None)
-    return None if current is None else (manager, current)
+    return inner, inner._txn
 
 
 def _drop_inherited_transactions(registries: list[StoreRegistry]) -> None:
