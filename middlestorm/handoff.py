@@ -40,6 +40,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Where a database keeps its spare connections.
+_ATTRIBUTE = "_middlestorm_spare"
 #: Seconds a thread opening a connection waits for a spare being reset.
 RESET_WAIT = 1.0
 
@@ -199,10 +201,10 @@ def install(database: Database, keep: int, timeout: float) -> SpareConnections |
     """
     if not isinstance(database, Postgres):
         return None
-    spare: SpareConnections | None = database.__dict__.get("_middlestorm_spare")
+    spare = _spare_of(database)
     if spare is None:
         spare = SpareConnections(database, keep, timeout)
-        database._middlestorm_spare = spare
+        database.__dict__[_ATTRIBUTE] = spare
         database.raw_connect = spare.raw_connect
     spare.keep, spare.timeout = keep, timeout
     return spare
@@ -210,27 +212,33 @@ def install(database: Database, keep: int, timeout: float) -> SpareConnections |
 
 def hand_over(store: Store) -> bool:
     """Give the connection of a store whose thread ended to the next thread; false if not."""
-    spare: SpareConnections | None = store._database.__dict__.get("_middlestorm_spare")
+    spare = _spare_of(store._database)
     return spare is not None and spare.take_back(store)
 
 
 def connect_fresh(database: Database) -> Any:
     """A new raw connection to ``database``, never a spare one (which may have gone stale)."""
-    spare: SpareConnections | None = database.__dict__.get("_middlestorm_spare")
+    spare = _spare_of(database)
     return spare._connect() if spare is not None else database.raw_connect()
 
 
 def spare_count(database: Database) -> int:
     """How many spare connections ``database`` has waiting."""
-    spare: SpareConnections | None = database.__dict__.get("_middlestorm_spare")
+    spare = _spare_of(database)
     return 0 if spare is None else len(spare)
 
 
 def close_spares(database: Database) -> None:
     """Close the spare connections of ``database``, if it has any."""
-    spare: SpareConnections | None = database.__dict__.get("_middlestorm_spare")
+    spare = _spare_of(database)
     if spare is not None:
         spare.close()
+
+
+def _spare_of(database: Database) -> SpareConnections | None:
+    """The spare connections :func:`install` gave ``database``, if any."""
+    spare: SpareConnections | None = database.__dict__.get(_ATTRIBUTE)
+    return spare
 
 
 def _idle(raw: Any) -> bool:
