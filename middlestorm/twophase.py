@@ -298,15 +298,24 @@ def _reset(store: Store, *, lost: bool = False) -> None:
         log.debug("resetting a store failed", exc_info=True)
 
 
-@contextmanager
-def _new_connection(registry: StoreRegistry, name: str) -> Iterator[Any]:
-    """A psycopg2 connection of its own to ``name``'s database (never a spare), autocommit."""
+def _connect(registry: StoreRegistry, name: str) -> Any:
+    """A psycopg2 connection of its own to ``name``'s database (never a spare), autocommit.
+
+    :raises DisconnectionError: when it cannot be opened.
+    """
     try:
         raw = handoff.connect_fresh(registry.database(name))
     except Exception as error:
         raise DisconnectionError(str(error).strip()) from error
+    raw.autocommit = True  # a new connection is outside any transaction
+    return raw
+
+
+@contextmanager
+def _new_connection(registry: StoreRegistry, name: str) -> Iterator[Any]:
+    """:func:`_connect`, closed at the end of the block."""
+    raw = _connect(registry, name)
     try:
-        raw.autocommit = True
         yield raw
     finally:
         raw.close()
@@ -425,12 +434,9 @@ class _Databases:
                 continue
             seen.add(uri)
             try:
-                raw = handoff.connect_fresh(registry.database(name))
-                raw.autocommit = True
-            except Exception as error:
-                self.unreachable[name] = f"{type(error).__name__}: {str(error).strip()}"
-            else:
-                self.connections[name] = raw
+                self.connections[name] = _connect(registry, name)
+            except DisconnectionError as error:
+                self.unreachable[name] = str(error)
 
     def close(self) -> None:
         for raw in self.connections.values():
