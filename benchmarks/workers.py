@@ -4,6 +4,9 @@ Each call reads one row by primary key in a worker thread and commits. *By
 hand* is what users write today: Twisted's ``deferToThreadPool`` (or
 asyncio's ``run_in_executor``) over a pool of 8 threads, each with a
 ``threading.local`` Storm store and an explicit commit (rollback on error).
+*ZStorm + transaction* runs in the same pool with Storm's own ``ZStorm``,
+committing through ``transaction.manager``: the machinery middlestorm builds
+on, so the gap between it and by hand is what any such commit costs.
 *middlestorm* is ``DeferredStores(registry, workers=8).run`` (or
 ``AsyncStores``). Every round issues ``--calls`` concurrent calls and times
 them all; contenders alternate, rounds rotate who goes first. One reactor
@@ -39,6 +42,7 @@ from benchmarks.databases import (
 from middlestorm import StoreRegistry
 
 WORKERS = 8
+CONTENDERS = ("by hand", "ZStorm + transaction", "middlestorm")
 ROWS = 1000
 #: A table of its own, so that it can run beside the other measurements.
 TABLE = "worker_row"
@@ -82,6 +86,27 @@ def by_hand_reader(uri: str) -> Callable[[int], str]:
     return read
 
 
+def zstorm_reader(uri: str) -> Callable[[int], str]:
+    """The same read with Storm's own ``ZStorm``: a per-thread store that joins
+    ``transaction.manager``, committed through it (what middlestorm builds on)."""
+    import transaction
+    from storm.zope.zstorm import ZStorm
+
+    zstorm = ZStorm()
+    zstorm.set_default_uri("main", uri)
+
+    def read(number: int) -> str:
+        try:
+            body = zstorm.get("main").get(Row, number % ROWS + 1).body
+            transaction.commit()
+        except BaseException:
+            transaction.abort()
+            raise
+        return body
+
+    return read
+
+
 def middlestorm_reader(registry: StoreRegistry) -> Callable[[int], str]:
     def read(number: int) -> str:
         return registry.get().get(Row, number % ROWS + 1).body
@@ -99,17 +124,19 @@ def twisted_rounds(
 
     from middlestorm.twisted import DeferredStores
 
-    seen: dict[str, list[float]] = {"by hand": [], "middlestorm": []}
+    seen: dict[str, list[float]] = {name: [] for name in CONTENDERS}
 
     async def main(reactor: Any) -> None:
         pool = ThreadPool(minthreads=0, maxthreads=WORKERS, name="by-hand")
         pool.start()
         reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
         hand = by_hand_reader(uri)
+        zstorm = zstorm_reader(uri)
         registry = StoreRegistry({"main": uri})
         stores = DeferredStores(registry, reactor=reactor, workers=WORKERS)
         run = {
             "by hand": lambda n: threads.deferToThreadPool(reactor, pool, hand, n),
+            "ZStorm + transaction": lambda n: threads.deferToThreadPool(reactor, pool, zstorm, n),
             "middlestorm": lambda n: stores.run(middlestorm_reader(registry), n),
         }
         order = list(run)
@@ -119,7 +146,7 @@ def twisted_rounds(
                 await defer.gatherResults([run[name](n) for n in range(calls)])
                 if number:
                     seen[name].append((time.perf_counter() - started) / calls * 1e6)
-            order.reverse()
+            order = order[1:] + order[:1]
         done(seen)
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
@@ -128,16 +155,18 @@ def twisted_rounds(
 def asyncio_rounds(uri: str, calls: int, rounds: int) -> dict[str, list[float]]:
     from middlestorm.aio import AsyncStores
 
-    seen: dict[str, list[float]] = {"by hand": [], "middlestorm": []}
+    seen: dict[str, list[float]] = {name: [] for name in CONTENDERS}
 
     async def main() -> None:
         executor = ThreadPoolExecutor(WORKERS)
         hand = by_hand_reader(uri)
+        zstorm = zstorm_reader(uri)
         registry = StoreRegistry({"main": uri})
         loop = asyncio.get_running_loop()
         async with AsyncStores(registry, workers=WORKERS) as stores:
             run = {
                 "by hand": lambda n: loop.run_in_executor(executor, hand, n),
+                "ZStorm + transaction": lambda n: loop.run_in_executor(executor, zstorm, n),
                 "middlestorm": lambda n: stores.run(middlestorm_reader(registry), n),
             }
             order = list(run)
@@ -147,7 +176,7 @@ def asyncio_rounds(uri: str, calls: int, rounds: int) -> dict[str, list[float]]:
                     await asyncio.gather(*(run[name](n) for n in range(calls)))
                     if number:
                         seen[name].append((time.perf_counter() - started) / calls * 1e6)
-                order.reverse()
+                order = order[1:] + order[:1]
         executor.shutdown()
 
     asyncio.run(main())

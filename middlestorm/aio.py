@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
 from middlestorm.timeouts import Timeouts
-from middlestorm.work import check_workers, run_in_worker
+from middlestorm.work import Cancellation, check_workers, run_in_worker
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
@@ -76,7 +75,7 @@ class AsyncStores:
         """
         if self._closed:
             raise RuntimeError("these AsyncStores are closed")
-        cancelled = threading.Event()
+        cancelled = Cancellation()
         unit = functools.partial(
             run_in_worker, self.registry, cancelled, function, *args,
             policy=self.policy, timeouts=self.timeouts, **kwargs,

@@ -65,7 +65,7 @@ def get_store(name: str | None = None) -> Store:
 @contextmanager
 def use_registry(registry: StoreRegistry) -> Iterator[StoreRegistry]:
     """Make ``registry``'s stores of this thread the ones :data:`current_store` uses here."""
-    token = bind(ThreadStores(registry))
+    token = bind(registry.thread_stores())
     try:
         yield registry
     finally:

@@ -87,12 +87,12 @@ def end_transaction(registry: StoreRegistry, *, commit: bool) -> bool:
     manager = registry.transaction_manager
     if not under_way(manager):
         return False
-    if not commit or manager.isDoomed():
-        manager.abort()
-        return False
     txn = manager.get()
+    if not commit or txn.isDoomed():
+        txn.abort()
+        return False
     try:
-        manager.commit()
+        txn.commit()
     except CommitInDoubtError:
         abort_quietly(manager)
         raise

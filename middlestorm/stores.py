@@ -34,6 +34,7 @@ from transaction.interfaces import ITransaction, ITransactionManager
 from middlestorm import datamanager, handoff, twophase, work
 from middlestorm.databases import DatabaseSpec, open_database
 from middlestorm.errors import ConfigurationError, UnknownStoreError, WrongThreadError
+from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import thread_manager
 
 __all__ = ["DEFAULT_STORE", "StoreRegistry"]
@@ -128,6 +129,14 @@ class StoreRegistry(ZStorm):
     def names(self) -> list[str]:
         """The configured store names, the default first."""
         return [self.default_name] + [n for n in self._default_uris if n != self.default_name]
+
+    def thread_stores(self) -> ThreadStores:
+        """The calling thread's stores by name, which refuse other threads (one per thread)."""
+        try:
+            return self._local.handles
+        except AttributeError:
+            handles = self._local.handles = ThreadStores(self)
+            return handles
 
     def database(self, name: str | None = None) -> Database:
         """The Storm database of the store called ``name`` (the default if ``None``)."""

@@ -20,6 +20,7 @@ import math
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, replace
 
+from storm.databases.postgres import Postgres
 from storm.store import Store
 
 from middlestorm.context import restore
@@ -143,5 +144,4 @@ def _send(store: Store, sql: str) -> None:
 
 
 def _is_postgres(store: Store) -> bool:
-    uri = store.get_database().get_uri()
-    return uri is not None and uri.scheme == "postgres"
+    return isinstance(store.get_database(), Postgres)

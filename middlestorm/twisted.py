@@ -24,7 +24,6 @@ its COMMIT is already under way. It needs Twisted (``middlestorm[twisted]``).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from twisted.python.threadpool import ThreadPool
 
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
 from middlestorm.timeouts import Timeouts
-from middlestorm.work import check_workers, run_in_worker
+from middlestorm.work import Cancellation, check_workers, run_in_worker
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
@@ -81,8 +80,8 @@ class DeferredStores:
             self._started = True
             self._pool.start()
             self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-        cancelled = threading.Event()
-        result: Deferred[Any] = Deferred(lambda _: cancelled.set())
+        cancelled = Cancellation()
+        result: Deferred[Any] = Deferred(cancelled.set)
         call_from_thread = self.reactor.callFromThread
 
         def done(succeeded: bool, outcome: Any) -> None:  # in the worker thread

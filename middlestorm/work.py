@@ -32,8 +32,7 @@ from storm.store import EmptyResultSet, ResultSet, Store
 from middlestorm import context
 from middlestorm import timeouts as limits
 from middlestorm.errors import ConfigurationError, MiddleStormError
-from middlestorm.handles import ThreadStores
-from middlestorm.lifecycle import abort_quietly, end_transaction
+from middlestorm.lifecycle import abort_quietly, begin_transaction, end_transaction
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify
 
 if TYPE_CHECKING:
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Attempt",
+    "Cancellation",
     "Cancelled",
     "LiveObjectError",
     "Next",
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
 class Unit:
     """One run of a unit of work in one thread, and whether anything of it was committed.
 
@@ -70,10 +69,16 @@ class Unit:
     app, is not seen.)
     """
 
-    thread: int = field(default_factory=threading.get_ident)
-    committed: bool = False
-    #: ``id()`` of the transaction managers whose transaction it runs in.
-    managers: set[int] = field(default_factory=set)
+    __slots__ = ("committed", "managers", "thread")
+
+    def __init__(self, managers: set[int] | None = None) -> None:
+        self.thread = threading.get_ident()
+        self.committed = False
+        #: ``id()`` of the transaction managers whose transaction it runs in.
+        self.managers: set[int] = set() if managers is None else managers
+
+    def __repr__(self) -> str:
+        return f"<Unit of thread {self.thread} committed={self.committed}>"
 
 
 class Cancelled(MiddleStormError):
@@ -88,6 +93,10 @@ class LiveObjectError(MiddleStormError, TypeError):
     """
 
 
+#: Values that cannot hold a Storm object.
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
 def check_plain(value: object, what: str = "the unit of work") -> None:
     """Refuse a live Storm object, store or result set in ``value`` (in containers too).
 
@@ -100,7 +109,7 @@ def check_plain(value: object, what: str = "the unit of work") -> None:
         if id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, (str, bytes, int, float, bool, type(None))):
+        if isinstance(item, _SCALARS):
             continue
         kind = type(item)
         if hasattr(kind, "__storm_table__") or isinstance(item, _STORM_TYPES):
@@ -116,13 +125,33 @@ def check_plain(value: object, what: str = "the unit of work") -> None:
             pending.extend(item)
 
 
+class Cancellation:
+    """Set by a caller that stopped waiting for a unit of work run for it in another thread.
+
+    Checked before the commit; a lighter ``threading.Event`` (set once, never cleared).
+    """
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self, *_: object) -> None:
+        """Ask for the unit of work to be rolled back (any arguments are ignored:
+        it serves as a ``Deferred``'s canceller)."""
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 _unit: ContextVar[Unit | None] = ContextVar("middlestorm.unit", default=None)
 _STORM_TYPES = (Store, ResultSet, EmptyResultSet, BoundReferenceSet, BoundIndirectReferenceSet)
 
 
 def begin_unit(manager: object = None) -> tuple[Unit, Token[Unit | None]]:
     """Start recording a run of a unit of work in this context; undo with :func:`end_unit`."""
-    unit = Unit(managers=set() if manager is None else {id(manager)})
+    unit = Unit(None if manager is None else {id(manager)})
     return unit, _unit.set(unit)
 
 
@@ -225,7 +254,7 @@ def run_in_transaction(
     policy: RetryPolicy = DEFAULT_POLICY,
     timeouts: limits.Timeouts | None = None,
     savepoint: bool = False,
-    cancelled: threading.Event | None = None,
+    cancelled: Cancellation | threading.Event | None = None,
 ) -> T:
     """Run ``function`` in a transaction of the registry's manager and commit it.
 
@@ -250,8 +279,9 @@ def run_in_transaction(
         with _joined(registry, savepoint):
             return function()
     manager = registry.transaction_manager
-    for attempt in attempts(policy):
-        with _outermost(registry, timeouts) as unit:
+    started = time.monotonic()
+    for number in range(1, policy.attempts + 1):
+        with _Outermost(registry, timeouts) as unit:
             try:
                 result = function()
                 if cancelled is not None and cancelled.is_set():
@@ -262,7 +292,9 @@ def run_in_transaction(
                 raise
             except BaseException as error:
                 abort_quietly(manager)
-                if not unit.committed and attempt.failed(error) is Next.RETRY:
+                if not unit.committed and (
+                    Attempt(number, policy, started).failed(error) is Next.RETRY
+                ):
                     continue
                 raise
         return result
@@ -281,7 +313,7 @@ def check_workers(workers: object) -> int:
 
 def run_in_worker(
     registry: StoreRegistry,
-    cancelled: threading.Event,
+    cancelled: Cancellation | threading.Event,
     function: Callable[..., T],
     /,
     *args: Any,
@@ -294,7 +326,8 @@ def run_in_worker(
 
     def checked() -> T:
         result = function(*args, **kwargs)
-        check_plain(result, f"{getattr(function, '__qualname__', repr(function))}()")
+        if type(result) not in _SCALARS:
+            check_plain(result, f"{getattr(function, '__qualname__', None) or repr(function)}()")
         return result
 
     return run_in_transaction(
@@ -361,7 +394,7 @@ def transaction(
         with _joined(registry, savepoint):
             yield
         return
-    with _outermost(registry, timeouts):
+    with _Outermost(registry, timeouts):
         try:
             yield
         except BaseException:
@@ -370,20 +403,32 @@ def transaction(
         end_transaction(registry, commit=True)
 
 
-@contextmanager
-def _outermost(registry: StoreRegistry, timeouts: limits.Timeouts | None) -> Iterator[Unit]:
-    """A new transaction and a unit of work in it, with its limits and stores, undone at
-    the end of the block (which ends the transaction itself)."""
-    manager = registry.transaction_manager
-    manager.begin()
-    unit, unit_token = begin_unit(manager)
-    token = limits.bind(timeouts)
-    stores = context.bind(ThreadStores(registry))
-    try:
-        yield unit
-    finally:
-        context.unbind(stores)
-        limits.unbind(token)
+class _Outermost:
+    """A unit of work's transaction (begun when first used), with its limits and stores,
+    undone at the end of the block (which ends the transaction itself)."""
+
+    __slots__ = ("_tokens", "registry", "timeouts")
+
+    def __init__(self, registry: StoreRegistry, timeouts: limits.Timeouts | None) -> None:
+        self.registry = registry
+        self.timeouts = timeouts
+
+    def __enter__(self) -> Unit:
+        registry = self.registry
+        manager = registry.transaction_manager
+        begin_transaction(manager)
+        unit = Unit({id(manager)})
+        self._tokens = (
+            _unit.set(unit),
+            limits.bind(self.timeouts),
+            context.bind(registry.thread_stores()),
+        )
+        return unit
+
+    def __exit__(self, *exc_info: object) -> None:
+        unit_token, limits_token, stores_token = self._tokens
+        context.unbind(stores_token)
+        limits.unbind(limits_token)
         end_unit(unit_token)
 
 

@@ -196,13 +196,12 @@ class MiddleStorm:
         self.replay_limit = replay_limit
         self.replay_in_memory = replay_in_memory
         self.timeouts = timeouts
-        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.app!r} {self.registry!r}>"
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        stores = self._thread_stores()
+        stores = self.registry.thread_stores()
         manager = self.registry.transaction_manager
         enclosing = _still_open(environ.get(OPEN_MANAGERS_KEY))
         if enclosing is None:  # the outermost MiddleStorm: nothing to restore afterwards
@@ -293,13 +292,6 @@ class MiddleStorm:
             ],
         )
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
-
-    def _thread_stores(self) -> ThreadStores:
-        try:
-            return self._local.stores
-        except AttributeError:
-            stores = self._local.stores = ThreadStores(self.registry)
-            return stores
 
 
 class _Scope:

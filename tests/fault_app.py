@@ -204,7 +204,9 @@ def call(
 ) -> Reply:
     """One request on a connection of its own, as a browser or API client sends it."""
     parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    connection = http.client.HTTPConnection(
+        parts.hostname or "127.0.0.1", parts.port, timeout=timeout
+    )
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     try:
         connection.request(method, target, body, headers or {})
