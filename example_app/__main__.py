@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DisconnectionError, DatabaseError) as error:
+    except DisconnectionError as error:  # it names the database
+        print(f"error: {redact_uri(str(error)).strip()}", file=sys.stderr)
+        return 1
+    except DatabaseError as error:
         print(
-            f"error: cannot reach the database {redact_uri(db_uri)}: "
+            f"error: the database {redact_uri(db_uri)} refused the notes schema: "
             f"{redact_uri(str(error)).strip()}",
             file=sys.stderr,
         )

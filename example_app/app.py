@@ -36,7 +36,7 @@ from werkzeug.routing import IntegerConverter, Map, Rule
 from werkzeug.utils import redirect
 from werkzeug.wrappers import Request, Response
 
-from example_app import schema
+from example_app import config, schema
 from example_app.models import MAX_LENGTH, Note, validate_body
 from middlestorm import MiddleStorm, current_store
 from middlestorm.retry import RetryPolicy, Verdict, classify
@@ -86,7 +86,7 @@ def create_app(
 
 def paste_app_factory(global_conf: dict[str, str], **local_conf: str) -> Callable:
     """The bare notes app for Paste Deploy, where middlestorm is a filter (deploy.ini)."""
-    schema.upgrade_database(global_conf["db_uri"])
+    schema.upgrade_database(config.prepare(global_conf["db_uri"]))
     return notes_app
 
 

@@ -14,7 +14,7 @@ from storm.uri import URI
 
 from middlestorm.errors import ConfigurationError
 
-__all__ = ["DatabaseSpec", "open_database", "redact_uri"]
+__all__ = ["SCHEME_ALIASES", "DatabaseSpec", "open_database", "redact_uri"]
 
 #: What may name a database: a Storm ``Database`` or a URI string.
 DatabaseSpec: TypeAlias = "Database | str"
@@ -30,7 +30,10 @@ _OPTION = re.compile(r"([?&])([^&=]*)=([^&]*(?:&[^&=]*(?=&|\Z))*)", re.DOTALL)
 _STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HIGH_ESCAPES = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f])+")
 _BUILTIN_SCHEMES = ("sqlite", "postgres", "mysql")
-_DRIVER_EXTRAS = {"postgres": "postgres", "mysql": "mysql"}
+#: The PyPI package of the driver Storm needs for a scheme.
+_DRIVER_PACKAGES = {"postgres": "psycopg2-binary", "mysql": "mysqlclient"}
+#: Other names of a scheme, as other tools (SQLAlchemy, libpq, Django) spell it.
+SCHEME_ALIASES = {"postgresql": "postgres"}
 _PERCENT_ENCODE = (
     "percent-encode those characters: '@' is %40, ':' %3A, '/' %2F, '?' %3F, "
     "'#' %23, '%' %25 (write non-ASCII characters as they are)"
@@ -111,21 +114,26 @@ def open_database(spec: DatabaseSpec) -> tuple[Database, str]:
             "(for example 'sqlite:app.db' or 'postgres://app@localhost/app'); "
             f"if a user name or password holds '@', ':', '/', '?' or '%', {_PERCENT_ENCODE}"
         ) from None
+    uri.scheme = SCHEME_ALIASES.get(uri.scheme, uri.scheme)
     if uri.scheme not in _database_schemes and (
         not uri.scheme.isidentifier()
         or importlib.util.find_spec(f"storm.databases.{uri.scheme}") is None
     ):
         raise ConfigurationError(
             f"unknown database scheme {uri.scheme!r} in {shown!r}: "
-            f"use one of {', '.join(known_schemes())}"
+            f"use one of {', '.join(known_schemes())}{_scheme_hint(uri.scheme, shown)}"
         )
     try:
         database = create_database(uri)
     except DatabaseModuleError:
-        extra = _DRIVER_EXTRAS.get(uri.scheme, uri.scheme)
+        package = _DRIVER_PACKAGES.get(uri.scheme)
+        install = (
+            f"pip install {package}"
+            if package
+            else f"install the module storm.databases.{uri.scheme} imports"
+        )
         raise ConfigurationError(
-            f"the driver for {uri.scheme!r} databases is not installed ({shown!r}): "
-            f"pip install 'middlestorm[{extra}]'"
+            f"the driver for {uri.scheme!r} databases is not installed ({shown!r}): {install}"
         ) from None
     except (URIError, ValueError) as error:
         message = redact_uri(str(error)).replace(spec, shown)
@@ -134,6 +142,15 @@ def open_database(spec: DatabaseSpec) -> tuple[Database, str]:
         raise ConfigurationError(f"bad database URI {shown!r}: {message}") from None
     _check_libpq(database, shown)
     return database, shown
+
+
+def _scheme_hint(scheme: str, shown: str) -> str:
+    """How to write a URI whose scheme names a driver too, as SQLAlchemy's do."""
+    base = scheme.partition("+")[0]
+    base = SCHEME_ALIASES.get(base, base)
+    if base != scheme and base in _BUILTIN_SCHEMES:
+        return f"; Storm's URIs name no driver: write {shown.replace(scheme, base, 1)!r}"
+    return ""
 
 
 def _storm_misreading(spec: str) -> str | None:

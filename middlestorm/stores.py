@@ -25,6 +25,7 @@ from typing import Any
 
 import transaction
 from storm.database import STATE_DISCONNECTED, Database
+from storm.databases.sqlite import SQLite
 from storm.exceptions import DatabaseError as StormDatabaseError
 from storm.exceptions import DisconnectionError
 from storm.store import Store
@@ -32,7 +33,7 @@ from storm.zope.zstorm import ZStorm, register_store_with_transaction
 from transaction.interfaces import ITransaction, ITransactionManager
 
 from middlestorm import datamanager, handoff, twophase, work
-from middlestorm.databases import DatabaseSpec, open_database
+from middlestorm.databases import DatabaseSpec, open_database, redact_uri
 from middlestorm.errors import ConfigurationError, UnknownStoreError, WrongThreadError
 from middlestorm.handles import ThreadStores
 from middlestorm.lifecycle import thread_manager
@@ -208,7 +209,7 @@ class StoreRegistry(ZStorm):
         try:
             store = super().create(name, uri)
         except StormDatabaseError as error:  # Store() connects at once
-            raise DisconnectionError(str(error)) from error
+            raise DisconnectionError(self._cannot_open(name, uri, error)) from error
         store._event.unhook(
             "register-transaction", register_store_with_transaction, weakref.ref(self)
         )
@@ -256,6 +257,24 @@ class StoreRegistry(ZStorm):
         if database is None:
             database = self._databases.setdefault(uri, open_database(uri)[0])
         return database
+
+    def _cannot_open(self, name: str | None, uri: str | None, error: Exception) -> str:
+        """Why the store ``name`` could not connect, naming its database (never a password)."""
+        name = self.default_name if name is None else name
+        if uri is None:
+            database, shown = self._default_databases.get(name), self._default_uris.get(name)
+        else:
+            database, shown = self._databases.get(uri), redact_uri(uri)
+        reason = str(error).strip()
+        if isinstance(database, SQLite):
+            filename = database._filename
+            path = os.path.abspath(filename)
+            shown = repr(filename) if path == filename else f"{filename!r} ({path})"
+            return (
+                f"cannot open the SQLite database {shown} of the store {name!r}: "
+                f"{reason}{_sqlite_hint(path)}"
+            )
+        return f"cannot connect to the database {shown!r} of the store {name!r}: {reason}"
 
     def _check_name(self, name: str) -> None:
         if name not in self._default_databases:
@@ -349,6 +368,21 @@ def _abandon(store: Store) -> None:
 def _refuse_other_threads(store: Store, owner: int, owner_name: str, name: str | None) -> None:
     if threading.get_ident() != owner:
         raise WrongThreadError.for_store(f"the store {name!r}", owner, owner_name)
+
+
+def _sqlite_hint(path: str) -> str:
+    """What keeps SQLite from opening the file ``path``, when the file system tells."""
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return (
+            f"; the directory {directory!r} does not exist: create it, or give the path "
+            "of a file in an existing directory"
+        )
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return "; this process may not read and write the file"
+    if not os.path.exists(path) and not os.access(directory, os.W_OK | os.X_OK):
+        return f"; this process may not create files in {directory!r}"
+    return ""
 
 
 def _check_thread_local(manager: ITransactionManager | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -132,8 +133,56 @@ class Server:
                 self.process.wait(15)
 
 
-def start_server(command: list[str], db_uri: str, log: Path, cwd: Path = REPO, port: int = 0):
-    """Start ``command`` (``{port}`` filled in) and wait until it answers."""
+#: The port the README's commands listen on, replaced by a free one in tests.
+DOCUMENTED_PORT = "8000"
+#: What a command in the README starts with.
+_COMMAND_NAMES = ("flask", "gunicorn", "pip", "python", "twist", "waitress-serve")
+
+
+def documented_commands(section: str) -> list[str]:
+    """The commands in the literal blocks of the README section titled ``section``, as written."""
+    lines = (REPO / "README.rst").read_text().splitlines()
+    start = lines.index(section) + 2
+    end = next(
+        (
+            i
+            for i in range(start, len(lines) - 1)
+            if lines[i + 1][:1] in ("-", "~", "=")
+            and set(lines[i + 1]) <= set("-~=")
+            and len(lines[i + 1]) == len(lines[i])
+        ),
+        len(lines),
+    )
+    return [
+        line.strip()
+        for line in lines[start:end]
+        if line.startswith("    ") and line.split(None, 1)[0] in _COMMAND_NAMES
+    ]
+
+
+def as_written(command: str) -> list[str]:
+    """A README command's arguments, its port left for :func:`start_server` to fill in."""
+    return [
+        part.replace("{", "{{").replace("}", "}}").replace(DOCUMENTED_PORT, "{port}")
+        for part in shlex.split(command)
+    ]
+
+
+def start_server(
+    command: list[str],
+    db_uri: str,
+    log: Path,
+    cwd: Path = REPO,
+    port: int = 0,
+    *,
+    pythonpath: bool = True,
+    ready: str = "/api/notes",
+):
+    """Start ``command`` (``{port}`` filled in) and wait until ``ready`` answers 200.
+
+    :param pythonpath: put ``cwd`` on ``PYTHONPATH``; without it the command
+        runs as a user would type it, with this Python's scripts first on ``PATH``.
+    """
     port = port or free_port()
     # PYTHONFAULTHANDLER: a server that crashes (SIGSEGV, SIGABRT...) writes
     # every thread's Python traceback into its log before it dies.
@@ -143,7 +192,11 @@ def start_server(command: list[str], db_uri: str, log: Path, cwd: Path = REPO, p
         "PYTHONUNBUFFERED": "1",
         "PYTHONFAULTHANDLER": "1",
     }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
+    else:
+        env.pop("PYTHONPATH", None)
     command = [part.format(port=port, python=sys.executable) for part in command]
     with log.open("wb") as output:
         process = subprocess.Popen(
@@ -160,7 +213,7 @@ def start_server(command: list[str], db_uri: str, log: Path, cwd: Path = REPO, p
     while True:
         if process.poll() is not None:
             raise AssertionError(f"the server did not start:\n{server.report()}")
-        if request(server.base_url + "/api/notes")[0] == 200:
+        if request(server.base_url + ready)[0] == 200:
             return server
         if time.monotonic() > deadline:
             server.stop()

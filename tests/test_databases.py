@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import traceback
 from urllib.parse import quote
 
@@ -11,6 +13,7 @@ import transaction
 from hypothesis import given
 from hypothesis import strategies as st
 from storm.database import create_database
+from storm.exceptions import DisconnectionError
 
 from middlestorm import (
     ConfigurationError,
@@ -54,10 +57,93 @@ def test_redact_uri_hides_the_password_and_keeps_the_rest(uri, shown):
 
 
 def test_an_unknown_scheme_fails_at_construction_and_names_the_known_ones():
+    with pytest.raises(ConfigurationError, match="unknown database scheme 'pg'.*postgres, sqlite"):
+        MiddleStorm(app, f"pg://app:{SECRET}@localhost/app")
+
+
+@pytest.mark.postgres
+def test_postgresql_is_another_spelling_of_postgres():
+    require_postgres()
+    registry = StoreRegistry({"main": POSTGRES_URI.replace("postgres://", "postgresql://", 1)})
+    try:
+        assert registry.get().execute("SELECT 1").get_one() == (1,)
+        transaction.abort()
+    finally:
+        registry.close()
+
+    assert repr(registry).startswith("<StoreRegistry main='postgresql://")
+
+
+@pytest.mark.parametrize(
+    ("uri", "written"),
+    [
+        (f"postgresql+psycopg2://app:{SECRET}@db/app", "'postgres://app:***@db/app'"),
+        ("sqlite+pysqlite:app.db", "'sqlite:app.db'"),
+    ],
+)
+def test_a_scheme_naming_a_driver_gets_the_uri_to_write_instead(uri, written):
+    with pytest.raises(ConfigurationError) as raised:
+        StoreRegistry({"main": uri})
+
+    assert f"write {written}" in str(raised.value)
+    assert SECRET not in str(raised.value)
+
+
+def test_a_missing_driver_names_the_package_to_install(tmp_path):
+    script = (
+        "import sys; sys.modules['psycopg2'] = None\n"  # as if psycopg2 were not installed
+        "from middlestorm import StoreRegistry\n"
+        f"StoreRegistry({{'main': 'postgres://app:{SECRET}@localhost/app'}})\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == (
+        "middlestorm.errors.ConfigurationError: the driver for 'postgres' databases is not "
+        "installed ('postgres://app:***@localhost/app'): pip install psycopg2-binary"
+    )
+
+
+def test_an_sqlite_file_in_a_missing_directory_names_the_file_and_the_directory(tmp_path):
+    path = tmp_path / "missing" / "app.db"
+    registry = StoreRegistry({"main": f"sqlite:{path}"})
+
+    with pytest.raises(DisconnectionError) as raised:
+        registry.get()
+
+    assert str(raised.value) == (
+        f"cannot open the SQLite database '{path}' of the store 'main': unable to open "
+        f"database file; the directory '{path.parent}' does not exist: create it, or give "
+        "the path of a file in an existing directory"
+    )
+
+
+def test_a_relative_sqlite_path_is_shown_as_the_file_it_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    registry = StoreRegistry({"main": "sqlite:missing/app.db"})
+
     with pytest.raises(
-        ConfigurationError, match="unknown database scheme 'postgresql'.*postgres, sqlite"
+        DisconnectionError, match=rf"'missing/app.db' \({tmp_path}/missing/app.db\)"
     ):
-        MiddleStorm(app, f"postgresql://app:{SECRET}@localhost/app")
+        registry.get()
+
+
+def test_an_unreachable_postgresql_server_is_named_without_its_password():
+    # Port 1 on the loopback interface: nothing listens there.
+    registry = StoreRegistry({"main": f"postgres://app:{SECRET}@127.0.0.1:1/app"})
+
+    with pytest.raises(DisconnectionError) as raised:
+        registry.get()
+
+    message = str(raised.value)
+    assert message.startswith(
+        "cannot connect to the database 'postgres://app:***@127.0.0.1:1/app' of the store "
+        "'main': connection to server at \"127.0.0.1\", port 1 failed"
+    )
+    assert SECRET not in message
 
 
 @pytest.mark.parametrize("uri", ["app.db", f"postgres://app:{SECRET}@localhost:port/app", ""])

@@ -472,18 +472,18 @@ def test_an_old_database_is_upgraded_by_its_patches(empty_db):
     assert empty_db.query("SELECT version FROM patch ORDER BY version") == [(1,)]
 
 
-def test_the_paste_deploy_file_loads_the_app_behind_the_middlestorm_filter(tmp_path):
+def test_the_paste_deploy_file_loads_the_app_behind_the_middlestorm_filter(tmp_path, monkeypatch):
     from paste.deploy import loadapp
 
-    shutil.copy(REPO / "example_app" / "deploy.ini", tmp_path / "deploy.ini")
-    app = loadapp(f"config:{tmp_path / 'deploy.ini'}")
+    monkeypatch.chdir(tmp_path)  # its SQLite file is instance/notes.db under the current directory
+    app = loadapp(f"config:{REPO / 'example_app' / 'deploy.ini'}")
     client = BufferedClient(app)
 
     assert client.post("/api/notes", json={"body": "via paste"}).status_code == 201
     assert client.post("/api/notes", json={"body": ""}).status_code == 400
     import sqlite3
 
-    with sqlite3.connect(tmp_path / "notes.db") as side_door:
+    with sqlite3.connect(tmp_path / "instance" / "notes.db") as side_door:
         assert side_door.execute("SELECT body FROM note").fetchall() == [("via paste",)]
 
 
@@ -554,15 +554,17 @@ def test_an_unreachable_database_gets_a_message_not_a_traceback():
     result = run_cli("--db", "postgres://notes:hunter2@127.0.0.1:1/notes", "--no-reload")
 
     assert result.returncode == 1
-    assert result.stderr.startswith("error: cannot reach the database postgres://notes:***@")
+    assert result.stderr.startswith(
+        "error: cannot connect to the database 'postgres://notes:***@127.0.0.1:1/notes'"
+    )
     assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
 
 
 def test_a_bad_uri_gets_a_message_not_a_traceback():
-    result = run_cli("--db", "postgresql://notes@localhost/notes", "--no-reload")
+    result = run_cli("--db", "postgresql+psycopg2://notes@localhost/notes", "--no-reload")
 
     assert result.returncode == 2
-    assert "unknown database scheme 'postgresql'" in result.stderr
+    assert "unknown database scheme 'postgresql+psycopg2'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

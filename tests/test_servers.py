@@ -11,10 +11,20 @@ import os
 import shutil
 import sys
 import time
+import urllib.parse
+import urllib.request
 
 import pytest
 
-from tests.servers import REPO, Server, exercise, start_server
+from tests.servers import (
+    REPO,
+    Server,
+    as_written,
+    documented_commands,
+    exercise,
+    request,
+    start_server,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -28,35 +38,25 @@ def check_output(server: Server, errors: tuple[str, ...] = (*THREAD_ERRORS, "Tra
         assert error not in output, server.report(around=error)
 
 
-SERVERS = {
-    "gunicorn gthread": [
-        "{python}", "-m", "gunicorn", "-k", "gthread", "--threads", "4", "-w", "2",
-        "-b", "127.0.0.1:{port}", "example_app.wsgi:app",
-    ],
-    "gunicorn gthread --preload": [
-        "{python}", "-m", "gunicorn", "-k", "gthread", "--threads", "4", "-w", "2",
-        "--preload", "-b", "127.0.0.1:{port}", "example_app.wsgi:app",
-    ],
-    # Sync workers serve requests in the thread that imported the app before
-    # the fork: without fork safety they would share the master's connection.
-    "gunicorn sync --preload": [
-        "{python}", "-m", "gunicorn", "-k", "sync", "-w", "3", "--preload",
-        "-b", "127.0.0.1:{port}", "example_app.wsgi:app",
-    ],
-    "waitress": [
-        "{python}", "-m", "waitress", "--listen", "127.0.0.1:{port}", "--threads", "4",
-        "example_app.wsgi:app",
-    ],
-    "twisted WSGIResource": [
-        "{python}", "-m", "twisted", "web", "--listen", "tcp:{port}:interface=127.0.0.1",
-        "--wsgi", "example_app.wsgi.app",
-    ],
-}  # fmt: skip
+#: The README's commands, each run as written (from the checkout, no PYTHONPATH).
+SERVERS = documented_commands("Production servers")
 
 
-@pytest.mark.parametrize("name", SERVERS)
-def test_a_production_server_keeps_every_acknowledged_write(name, empty_db, tmp_path):
-    server = start_server(SERVERS[name], empty_db.uri, tmp_path / "server.log")
+def test_the_readme_documents_every_production_server():
+    assert [command.split()[:3] for command in SERVERS] == [
+        ["gunicorn", "-k", "gthread"],
+        ["gunicorn", "-k", "gthread"],
+        ["gunicorn", "-k", "sync"],  # sync workers serve in the thread that imported the app
+        ["waitress-serve", "--listen", "127.0.0.1:8000"],
+        ["python", "-m", "twisted"],
+    ]
+
+
+@pytest.mark.parametrize("command", SERVERS)
+def test_a_production_server_keeps_every_acknowledged_write(command, empty_db, tmp_path):
+    server = start_server(
+        as_written(command), empty_db.uri, tmp_path / "server.log", pythonpath=False
+    )
     try:
         score = exercise(server.base_url, clients=4, writes=12)
     finally:
@@ -148,3 +148,46 @@ def test_a_crashed_server_is_reported_by_its_return_code_dump_and_tail(tmp_path)
     assert "parent line 79" in report and "parent line 19\n" not in report
     assert "child line 499" not in report
     assert len(report.splitlines()) < 80
+
+
+def copy_of_example_app(tmp_path) -> None:
+    shutil.copytree(
+        REPO / "example_app", tmp_path / "example_app", ignore=shutil.ignore_patterns("__pycache__")
+    )
+
+
+def test_the_documented_paste_deploy_command_serves_the_app(tmp_path):
+    copy_of_example_app(tmp_path)  # its SQLite file goes to instance/ in the current directory
+    [command] = documented_commands("Paste Deploy")
+    server = start_server(
+        as_written(command), "", tmp_path / "server.log", cwd=tmp_path, pythonpath=False
+    )
+    try:
+        created = request(server.base_url + "/api/notes", {"body": "via paste"})
+        listed = request(server.base_url + "/api/notes")
+    finally:
+        server.stop()
+
+    assert created[0] == 201 and [note["body"] for note in listed[1]] == ["via paste"]
+    assert (tmp_path / "instance" / "notes.db").exists()
+    assert "Serving on http://127.0.0.1:" in server.output, server.report()
+
+
+def test_the_documented_flask_command_serves_the_flask_example(empty_db, tmp_path):
+    [command] = documented_commands("Flask")
+    server = start_server(
+        as_written(command), empty_db.uri, tmp_path / "server.log", pythonpath=False, ready="/notes"
+    )
+    try:
+        created = post_form(server.base_url + "/notes", {"body": "via flask"})
+    finally:
+        server.stop()
+
+    assert created == 201
+    assert empty_db.notes() == ["via flask"]
+
+
+def post_form(url: str, fields: dict[str, str]) -> int:
+    data = urllib.parse.urlencode(fields).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data), timeout=30) as response:
+        return response.status
