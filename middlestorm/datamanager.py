@@ -30,7 +30,7 @@ from storm.store import PENDING_ADD, PENDING_REMOVE, Store
 from storm.tracer import install_tracer
 from storm.zope.zstorm import StoreDataManager as StormDataManager
 
-from middlestorm import timeouts, twophase, work
+from middlestorm import routes, timeouts, twophase, work
 from middlestorm.errors import CommitInDoubtError, WrongThreadError
 from middlestorm.lifecycle import COMMITTED_STORES
 from middlestorm.retry import Verdict, classify
@@ -87,6 +87,7 @@ def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
         manager.two_phase = twophase.for_transaction(registry, txn)
         manager.two_phase.members[manager.name] = store
     timeouts.apply(store)
+    routes.apply(store)
     return False  # joined once per transaction: hooked again when it ends
 
 

@@ -123,25 +123,25 @@ def override(*, statement: object = _KEEP, idle_in_transaction: object = _KEEP) 
     timeouts = replace(current, **changes)  # type: ignore[arg-type]
     budget.timeouts = timeouts
     for store in budget.applied:
-        _send(store, timeouts.sql(reset_unset=True))
+        send(store, timeouts.sql(reset_unset=True))
 
 
 def apply(store: Store) -> None:
     """Send the current limits to ``store`` as it joins a transaction (PostgreSQL only)."""
     budget = _budget.get()
-    if budget is None or not _is_postgres(store):
+    if budget is None or not is_postgres(store):
         return
     if budget.timeouts:
-        _send(store, budget.timeouts.sql())
+        send(store, budget.timeouts.sql())
     budget.applied.append(store)  # so that override() can reach it
 
 
-def _send(store: Store, sql: str) -> None:
-    # Not store.execute(): that would join the transaction again.
+def send(store: Store, sql: str) -> None:
+    """Run ``sql`` in ``store``'s transaction without joining it (as ``store.execute()`` would)."""
     connection = store._connection
     connection._ensure_connected()
     connection.raw_execute(sql).close()
 
 
-def _is_postgres(store: Store) -> bool:
+def is_postgres(store: Store) -> bool:
     return isinstance(store.get_database(), Postgres)

@@ -162,6 +162,14 @@ def join_unit(manager: object) -> None:
         unit.managers.add(id(manager))
 
 
+def leave_unit(manager: object) -> None:
+    """Have nested units of work run transactions of ``manager`` of their own (a route
+    without a request transaction)."""
+    unit = _unit.get()
+    if unit is not None and unit.thread == threading.get_ident():
+        unit.managers.discard(id(manager))
+
+
 def joins(registry: StoreRegistry) -> bool:
     """Whether a unit of work of this thread runs in the registry's manager's transaction."""
     unit = _unit.get()

@@ -33,7 +33,7 @@ from typing import Any
 
 from transaction.interfaces import ITransactionManager
 
-from middlestorm import context, timeouts, timing
+from middlestorm import context, routes, timeouts, timing
 from middlestorm.databases import DatabaseSpec
 from middlestorm.errors import ConfigurationError, WrongThreadError
 from middlestorm.handles import ThreadStores
@@ -47,6 +47,7 @@ from middlestorm.lifecycle import (
 )
 from middlestorm.replay import ReplayableInput
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify, sqlstate
+from middlestorm.routes import Mode
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
 from middlestorm.timeouts import Timeouts
 from middlestorm.work import Next, attempts, begin_unit, end_unit, join_unit
@@ -247,7 +248,12 @@ class MiddleStorm:
             try:
                 return exchange.run()
             except BaseException as error:
-                if exchange.reached_client or exchange.committed or unit.committed:
+                if (
+                    exchange.reached_client
+                    or exchange.committed
+                    or unit.committed
+                    or (exchange.route is not None and exchange.route.mode is Mode.NONE)
+                ):  # run again, it would do twice what reached the client or committed
                     raise
                 if sqlstate(error) == timeouts.QUERY_CANCELED:
                     log.warning(
@@ -398,10 +404,10 @@ class _Exchange:
     """One request and its response, and the transaction between them."""
 
     __slots__ = (
-        "__weakref__", "_bind", "_exc_info", "_forward_at_once", "_limits",
+        "__weakref__", "_bind", "_exc_info", "_forward_at_once", "_limits", "_route_token",
         "_server_start_response", "_server_write", "_token", "broken", "closed_elsewhere",
-        "committed", "ended", "environ", "headers", "middleware", "registry", "stats",
-        "status", "stores", "written",
+        "committed", "ended", "environ", "headers", "middleware", "registry", "route",
+        "stats", "status", "stores", "written",
     )  # fmt: skip
 
     def __init__(
@@ -434,11 +440,16 @@ class _Exchange:
         self.closed_elsewhere = False
         self._token: Token | None = None
         self._limits: Token | None = None
+        self._route_token: Token | None = None
+        #: What the route asked of the transaction (:mod:`middlestorm.routes`).
+        self.route: routes.Route | None = None
         self.stats: timing.RequestStats | None = None
 
     def run(self) -> Iterable[bytes]:
         middleware = self.middleware
         manager = self.registry.transaction_manager
+        self._route_token = routes.begin(self.environ, manager)  # refuses a bad mode first
+        self.route = routes.current()
         exchanges = _open_exchanges()
         # A request's thread is free again: whatever it left open (on any manager,
         # inner middlewares' too) the server never closed.
@@ -616,6 +627,16 @@ class _Exchange:
                 "the response ran out in a thread other than its request's, where its "
                 "transaction cannot be committed; it is rolled back in the request's thread"
             )
+        mode = Mode.REQUEST if self.route is None else self.route.mode
+        if mode is not Mode.REQUEST:
+            commit = False
+            if mode is Mode.NONE:
+                log.warning(
+                    "%s has no request transaction, but left one open: it is rolled back "
+                    "(do its work in units of work, such as 'with registry.transaction():')",
+                    _request_line(self.environ),
+                )
+        routes.annotate(self.registry.transaction_manager.get(), self.environ)
         started = time.perf_counter()
         outcome = "failed to commit"
         try:
@@ -672,6 +693,9 @@ class _Exchange:
         if self._limits is not None:
             timeouts.unbind(self._limits)
             self._limits = None
+        if self._route_token is not None:
+            routes.end(self._route_token)
+            self._route_token = None
         stats = self.stats
         if stats is not None and timing.stop(stats):
             timing.log.debug(
@@ -782,8 +806,10 @@ def _replayable_body(environ: Environ, limit: int, in_memory: int) -> Replayable
 
 
 def _request_line(environ: Environ) -> str:
-    """``METHOD /path`` of the request, for logs."""
-    return f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
+    """``METHOD /path`` of the request, and its user when known, for logs."""
+    line = f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
+    user = environ.get(routes.USER_KEY) or environ.get("REMOTE_USER")
+    return f"{line} (user {user})" if user else line
 
 
 def _close(result: Iterable[bytes]) -> None:
