@@ -14,6 +14,9 @@ import pytest
 import transaction
 from storm.tracer import install_tracer, remove_tracer
 
+#: pytester runs pytest sessions of their own; middlestorm.testing is what users get.
+pytest_plugins = ["pytester", "middlestorm.testing"]
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: The server the PostgreSQL tests use; each test session makes a database
 #: of its own there, so that sessions may run side by side.

@@ -11,21 +11,14 @@ import sys
 import urllib.request
 
 import pytest
-from werkzeug.test import Client, EnvironBuilder
+from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
 from example_app import create_app
 from example_app.app import MAX_BODY_BYTES
 from example_app.flask_app import create_app as create_flask_app
+from middlestorm.testing import BufferedClient
 from tests.servers import REPO, free_port, request, start_server
-
-
-class BufferedClient(Client):
-    """Reads and closes each response body, as a server does."""
-
-    def open(self, *args, **kwargs):
-        kwargs.setdefault("buffered", True)
-        return super().open(*args, **kwargs)
 
 
 @pytest.fixture
@@ -33,6 +26,34 @@ def client(empty_db):
     app = create_app(empty_db.uri)
     yield BufferedClient(app)
     app.registry.release()
+
+
+@pytest.fixture
+def storm_app(empty_db):
+    """The app for middlestorm.testing's storm_client, whose work is rolled back."""
+    app = create_app(empty_db.uri)
+    yield app
+    app.registry.release()
+
+
+def test_notes_come_back_from_the_api_in_the_order_they_were_written(storm_client, empty_db):
+    for body in ("first", "second", "third"):
+        assert storm_client.post("/api/notes", json={"body": body}).status_code == 201
+
+    assert [note["body"] for note in storm_client.get("/api/notes").json] == [
+        "first",
+        "second",
+        "third",
+    ]
+    assert empty_db.notes() == []  # committed by each request, rolled back by the test
+
+
+def test_a_deleted_note_is_gone_from_the_page_and_the_api(storm_client):
+    url = storm_client.post("/api/notes", json={"body": "short-lived"}).headers["Location"]
+
+    assert storm_client.delete(url).status_code == 204
+    assert storm_client.get(url).status_code == 404
+    assert "short-lived" not in storm_client.get("/").text
 
 
 def test_the_form_adds_a_note_and_redirects_to_the_page(client, empty_db):
