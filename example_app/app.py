@@ -16,11 +16,11 @@ it propagates, and middlestorm runs the request again.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -36,12 +36,15 @@ from werkzeug.routing import IntegerConverter, Map, Rule
 from werkzeug.utils import redirect
 from werkzeug.wrappers import Request, Response
 
-from example_app import config, schema
-from example_app.models import MAX_LENGTH, Note, validate_body
+from example_app import config, pages, schema
+from example_app.models import FORBIDDEN, Note, validate_body
 from middlestorm import MiddleStorm, current_store
 from middlestorm.retry import RetryPolicy, Verdict, classify
+from middlestorm.routes import read_only
 from middlestorm.work import Next, attempts
 
+#: The page's stylesheet, served at /style.css.
+STYLESHEET = (Path(__file__).parent / "static" / "style.css").read_text()
 #: The largest request body read, in bytes; a larger one is refused with 413.
 #: Far above what a note needs: 500 characters are at most 6 KB of JSON.
 MAX_BODY_BYTES = 64 * 1024
@@ -131,51 +134,72 @@ def error_response(request: Request, error: HTTPException) -> Response:
             if name.lower() != "content-type"
         ]
         return json_response({"error": error.description}, error.code or 500, headers)
-    if error.code == 400:  # a form's mistake: the page again, saying what it was
-        return page(request, error.description, 400)
+    if error.code == 400 and request.method == "POST":  # a form's mistake
+        return form_error_page(request, error.description or "the form was refused")
     return error.get_response(request.environ)
 
 
-# -- the HTML page ------------------------------------------------------------------
+# -- the HTML pages -----------------------------------------------------------------
 
 
-def page(request: Request, error: str | None = None, status: int = 200) -> Response:
-    notes = current_store.find(Note).order_by(Note.id)
-    items = "\n".join(
-        f"""<li><form method="post" action="/notes/{note.id}">
-  <input name="body" value="{html.escape(note.body)}" maxlength="{MAX_LENGTH}">
-  <button>Save</button></form>
-  <form method="post" action="/notes/{note.id}/delete"><button>Delete</button></form></li>"""
-        for note in notes
-    )
-    message = f'<p class="error">{html.escape(error)}</p>' if error else ""
-    body = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Notes</title></head>
-<body><h1>Notes</h1>{message}
-<form method="post" action="/">
-  <input name="body" placeholder="A new note" maxlength="{MAX_LENGTH}" autofocus>
-  <button>Add</button></form>
-<ul>
-{items}
-</ul>
-<p>The same notes as JSON: <a href="/api/notes">/api/notes</a></p></body></html>"""
-    return Response(body, status, content_type="text/html; charset=utf-8")
+@read_only
+def page(request: Request) -> Response:
+    notes = list(current_store.find(Note).order_by(Note.id))
+    return html_response(pages.notes_page(notes, done=request.args.get("done")))
+
+
+@read_only
+def page_edit(request: Request, note_id: int) -> Response:
+    return html_response(pages.edit_page(get_note(note_id)))
+
+
+@read_only
+def page_confirm_delete(request: Request, note_id: int) -> Response:
+    return html_response(pages.delete_page(get_note(note_id)))
 
 
 def page_create(request: Request) -> Response:
-    current_store.add(Note(body_from_form(request)))
-    return redirect("/", 303)
+    note = current_store.add(Note(body_from_form(request)))
+    current_store.flush()  # assigns note.id
+    return redirect(f"/?done=added#note-{note.id}", 303)
 
 
 def page_update(request: Request, note_id: int) -> Response:
     note = get_note(note_id)
     edit(note, body_from_form(request))
-    return redirect("/", 303)
+    return redirect(f"/?done=saved#note-{note.id}", 303)
 
 
 def page_delete(request: Request, note_id: int) -> Response:
     current_store.remove(get_note(note_id))
-    return redirect("/", 303)
+    return redirect("/?done=deleted", 303)
+
+
+def form_error_page(request: Request, error: str) -> Response:
+    """The page the refused form was on, saying why, with what was typed in it."""
+    draft = form_draft(request)
+    view, values = URLS.bind_to_environ(request.environ).match(method="POST")
+    note = current_store.get(Note, values["note_id"]) if view is page_update else None
+    if note is not None:
+        return html_response(pages.edit_page(note, error=error, draft=draft), 400)
+    notes = list(current_store.find(Note).order_by(Note.id))
+    return html_response(pages.notes_page(notes, error=error, draft=draft), 400)
+
+
+def form_draft(request: Request) -> str:
+    """The ``body`` field of a refused form, as far as it can be read."""
+    fields = parse_qs(request.get_data().decode(errors="replace"), keep_blank_values=True)
+    return FORBIDDEN.sub("", fields.get("body", [""])[0])
+
+
+def stylesheet(request: Request) -> Response:
+    response = Response(STYLESHEET, content_type="text/css; charset=utf-8")
+    response.cache_control.max_age = 3600
+    return response
+
+
+def html_response(body: str, status: int = 200) -> Response:
+    return Response(body, status, content_type="text/html; charset=utf-8")
 
 
 # -- the JSON API -------------------------------------------------------------------
@@ -293,7 +317,10 @@ URLS = Map(
     [
         Rule("/", endpoint=page, methods=["GET"]),
         Rule("/", endpoint=page_create, methods=["POST"]),
+        Rule("/style.css", endpoint=stylesheet, methods=["GET"]),
+        Rule("/notes/<id:note_id>", endpoint=page_edit, methods=["GET"]),
         Rule("/notes/<id:note_id>", endpoint=page_update, methods=["POST"]),
+        Rule("/notes/<id:note_id>/delete", endpoint=page_confirm_delete, methods=["GET"]),
         Rule("/notes/<id:note_id>/delete", endpoint=page_delete, methods=["POST"]),
         Rule("/api/notes", endpoint=api_list, methods=["GET"]),
         Rule("/api/notes", endpoint=api_create, methods=["POST"]),

@@ -51,7 +51,7 @@ _registries: weakref.WeakSet[StoreRegistry] = weakref.WeakSet()
 class StoreRegistry(ZStorm):
     """Named Storm databases, and one store per thread for each of them.
 
-    >>> registry = StoreRegistry({"main": "sqlite:app.db"})
+    >>> registry = StoreRegistry({"main": "sqlite:"})   # an in-memory SQLite database
     >>> store = registry.get()          # this thread's "main" store
     >>> store is registry.get("main")   # reused within the thread
     True

@@ -80,6 +80,11 @@ def start() -> RequestStats:
     return stats
 
 
+def current() -> RequestStats | None:
+    """The figures so far of the request measured here (see :func:`start`), if any."""
+    return _current.get()
+
+
 def stop(stats: RequestStats) -> bool:
     """Stop measuring into ``stats`` (see :func:`start`); false if already stopped."""
     if stats._token is None:

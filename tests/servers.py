@@ -136,28 +136,35 @@ class Server:
 #: The port the README's commands listen on, replaced by a free one in tests.
 DOCUMENTED_PORT = "8000"
 #: What a command in the README starts with.
-_COMMAND_NAMES = ("flask", "gunicorn", "pip", "python", "twist", "waitress-serve")
+_COMMAND_NAMES = ("curl", "flask", "gunicorn", "pip", "python", "twist", "waitress-serve")
 
 
-def documented_commands(section: str) -> list[str]:
-    """The commands in the literal blocks of the README section titled ``section``, as written."""
-    lines = (REPO / "README.rst").read_text().splitlines()
-    start = lines.index(section) + 2
-    end = next(
-        (
-            i
-            for i in range(start, len(lines) - 1)
-            if lines[i + 1][:1] in ("-", "~", "=")
-            and set(lines[i + 1]) <= set("-~=")
-            and len(lines[i + 1]) == len(lines[i])
-        ),
-        len(lines),
-    )
-    return [
+def documented_commands(section: str | None = None) -> list[str]:
+    """The commands in the literal blocks of the README section titled ``section``, or of
+    the README and every page of the docs, as written (each once, in order of appearance)."""
+    if section is None:
+        documents = [REPO / "README.rst", *sorted((REPO / "docs").rglob("*.rst"))]
+        lines = [line for document in documents for line in document.read_text().splitlines()]
+    else:
+        lines = (REPO / "README.rst").read_text().splitlines()
+        start = lines.index(section) + 2
+        end = next(
+            (
+                i
+                for i in range(start, len(lines) - 1)
+                if lines[i + 1][:1] in ("-", "~", "=")
+                and set(lines[i + 1]) <= set("-~=")
+                and len(lines[i + 1]) == len(lines[i])
+            ),
+            len(lines),
+        )
+        lines = lines[start:end]
+    commands = [
         line.strip()
-        for line in lines[start:end]
+        for line in lines
         if line.startswith("    ") and line.split(None, 1)[0] in _COMMAND_NAMES
     ]
+    return list(dict.fromkeys(commands))
 
 
 def as_written(command: str) -> list[str]:

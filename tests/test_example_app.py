@@ -59,9 +59,51 @@ def test_a_deleted_note_is_gone_from_the_page_and_the_api(storm_client):
 def test_the_form_adds_a_note_and_redirects_to_the_page(client, empty_db):
     response = client.post("/", data={"body": "  buy milk  "})
 
-    assert (response.status_code, response.location) == (303, "/")
+    assert (response.status_code, response.location) == (303, "/?done=added#note-1")
     assert empty_db.notes() == ["buy milk"]
-    assert "buy milk" in client.get("/").text
+    page = client.get(response.location).text
+    assert "buy milk" in page and "Note added: committed before this page" in page
+
+
+def test_the_page_says_what_middlestorm_did_for_it(client):
+    page = client.get("/").text
+
+    assert "in a read-only transaction, rolled back when the page is sent" in page
+
+
+def test_the_page_is_styled_and_fits_a_phone(client):
+    page = client.get("/").text
+    stylesheet = client.get("/style.css")
+
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    assert '<link rel="stylesheet" href="/style.css">' in page
+    assert stylesheet.status_code == 200 and stylesheet.mimetype == "text/css"
+
+
+def test_a_note_has_an_edit_page_and_a_delete_confirmation(client, empty_db):
+    client.post("/", data={"body": "to be deleted"})
+
+    edit = client.get("/notes/1")
+    confirm = client.get("/notes/1/delete")
+
+    assert edit.status_code == 200 and ">to be deleted</textarea>" in edit.text
+    assert confirm.status_code == 200 and "Delete this note?" in confirm.text
+    assert empty_db.notes() == ["to be deleted"]  # asking is not deleting
+    assert client.post("/notes/1/delete").location == "/?done=deleted"
+    assert empty_db.notes() == []
+
+
+def test_a_refused_edit_shows_the_edit_page_with_the_error_and_what_was_typed(client, empty_db):
+    client.post("/", data={"body": "original"})
+
+    response = client.post("/notes/1", data={"body": "x" * 501})
+
+    assert response.status_code == 400
+    assert "body must be at most 500 characters" in response.text
+    assert f">{'x' * 501}</textarea>" in response.text
+    assert 'action="/notes/1"' in response.text
+    assert "rolled back when the page is sent, as the form had a mistake" in response.text
+    assert empty_db.notes() == ["original"]
 
 
 def test_an_empty_form_is_refused_with_400_and_saves_nothing(client, empty_db):
@@ -76,7 +118,7 @@ def test_the_form_edits_and_deletes_a_note(client, empty_db):
     client.post("/", data={"body": "draft"})
     (note,) = client.get("/api/notes").json
 
-    client.post(f"/notes/{note['id']}", data={"body": "final"})
+    assert client.post(f"/notes/{note['id']}", data={"body": "final"}).status_code == 303
     assert empty_db.notes() == ["final"]
     client.post(f"/notes/{note['id']}/delete")
     assert empty_db.notes() == []
@@ -321,7 +363,7 @@ def test_a_browser_gets_html_errors_outside_the_api(client):
     "method, url, data, status",
     [
         ("GET", "/nothing-here", None, 404),
-        ("GET", "/notes/1", None, 405),
+        ("PATCH", "/notes/1", None, 405),
         ("POST", "/", {"body": ""}, 400),
         ("POST", "/notes/12345", {"body": "x"}, 404),
     ],

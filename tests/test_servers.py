@@ -8,7 +8,9 @@ database and no refused one is.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -17,6 +19,7 @@ import urllib.request
 import pytest
 
 from tests.servers import (
+    DOCUMENTED_PORT,
     REPO,
     Server,
     as_written,
@@ -38,11 +41,25 @@ def check_output(server: Server, errors: tuple[str, ...] = (*THREAD_ERRORS, "Tra
         assert error not in output, server.report(around=error)
 
 
-#: The README's commands, each run as written (from the checkout, no PYTHONPATH).
-SERVERS = documented_commands("Production servers")
+#: Every command the README and the docs show, each run below as written (from
+#: the checkout, without PYTHONPATH; its port 8000 replaced by a free one).
+DOCUMENTED = documented_commands()
+SERVERS = [command for command in DOCUMENTED if "example_app.wsgi" in command]
+DEV_SERVER = [command for command in DOCUMENTED if command.startswith("python -m example_app ")]
+PASTE = [command for command in DOCUMENTED if "paste.deploy" in command]
+FLASK = [command for command in DOCUMENTED if command.startswith("flask ")]
+FIRST_APP = [command for command in DOCUMENTED if "docs/first_app.py" in command]
+CURL = [command for command in DOCUMENTED if command.startswith("curl ")]
+SPHINX = [command for command in DOCUMENTED if command.startswith("python -m sphinx ")]
 
 
-def test_the_readme_documents_every_production_server():
+def test_every_documented_command_is_run_by_a_test():
+    run = {*SERVERS, *DEV_SERVER, *PASTE, *FLASK, *FIRST_APP, *CURL, *SPHINX}  # tests/test_docs.py
+    # pip's are run by .ci/run (the test command) and by hand in a new venv.
+    assert [c for c in DOCUMENTED if c not in run and not c.startswith("pip ")] == []
+
+
+def test_the_docs_document_every_production_server():
     assert [command.split()[:3] for command in SERVERS] == [
         ["gunicorn", "-k", "gthread"],
         ["gunicorn", "-k", "gthread"],
@@ -52,7 +69,7 @@ def test_the_readme_documents_every_production_server():
     ]
 
 
-@pytest.mark.parametrize("command", SERVERS)
+@pytest.mark.parametrize("command", SERVERS + DEV_SERVER)
 def test_a_production_server_keeps_every_acknowledged_write(command, empty_db, tmp_path):
     server = start_server(
         as_written(command), empty_db.uri, tmp_path / "server.log", pythonpath=False
@@ -158,7 +175,7 @@ def copy_of_example_app(tmp_path) -> None:
 
 def test_the_documented_paste_deploy_command_serves_the_app(tmp_path):
     copy_of_example_app(tmp_path)  # its SQLite file goes to instance/ in the current directory
-    [command] = documented_commands("Paste Deploy")
+    [command] = PASTE
     server = start_server(
         as_written(command), "", tmp_path / "server.log", cwd=tmp_path, pythonpath=False
     )
@@ -174,7 +191,7 @@ def test_the_documented_paste_deploy_command_serves_the_app(tmp_path):
 
 
 def test_the_documented_flask_command_serves_the_flask_example(empty_db, tmp_path):
-    [command] = documented_commands("Flask")
+    [command] = FLASK
     server = start_server(
         as_written(command), empty_db.uri, tmp_path / "server.log", pythonpath=False, ready="/notes"
     )
@@ -191,3 +208,28 @@ def post_form(url: str, fields: dict[str, str]) -> int:
     data = urllib.parse.urlencode(fields).encode()
     with urllib.request.urlopen(urllib.request.Request(url, data), timeout=30) as response:
         return response.status
+
+
+def test_the_first_application_of_the_docs_saves_and_lists_notes(tmp_path):
+    (tmp_path / "docs").mkdir()  # its SQLite file goes to the current directory
+    shutil.copy(REPO / "docs" / "first_app.py", tmp_path / "docs" / "first_app.py")
+    [command] = FIRST_APP
+    server = start_server(
+        as_written(command), "", tmp_path / "server.log", cwd=tmp_path, pythonpath=False, ready="/"
+    )
+    port = server.base_url.rsplit(":", 1)[1]
+    try:
+        answers = [
+            subprocess.run(
+                shlex.split(curl.replace(DOCUMENTED_PORT, port)),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+            for curl in CURL
+        ]
+    finally:
+        server.stop()
+
+    assert answers == ["saved\n", "hello\n"]
