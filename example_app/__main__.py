@@ -33,7 +33,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
-    parser.add_argument("--port", type=int, default=5000, help="the port (default: 5000)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=os.environ.get("PORT", "5000"),
+        help="the port (default: $PORT, else 5000)",
+    )
     parser.add_argument(
         "--no-reload", action="store_true", help="do not restart when a source file changes"
     )

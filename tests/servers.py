@@ -184,11 +184,13 @@ def start_server(
     *,
     pythonpath: bool = True,
     ready: str = "/api/notes",
+    environment: dict[str, str] | None = None,
 ):
     """Start ``command`` (``{port}`` filled in) and wait until ``ready`` answers 200.
 
     :param pythonpath: put ``cwd`` on ``PYTHONPATH``; without it the command
         runs as a user would type it, with this Python's scripts first on ``PATH``.
+    :param environment: more environment variables (``{port}`` filled in).
     """
     port = port or free_port()
     # PYTHONFAULTHANDLER: a server that crashes (SIGSEGV, SIGABRT...) writes
@@ -200,6 +202,7 @@ def start_server(
         "PYTHONFAULTHANDLER": "1",
     }
     env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    env.update({name: value.format(port=port) for name, value in (environment or {}).items()})
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -51,12 +52,39 @@ FLASK = [command for command in DOCUMENTED if command.startswith("flask ")]
 FIRST_APP = [command for command in DOCUMENTED if "docs/first_app.py" in command]
 CURL = [command for command in DOCUMENTED if command.startswith("curl ")]
 SPHINX = [command for command in DOCUMENTED if command.startswith("python -m sphinx ")]
+#: "pip install ... && python -m example_app": what runs once installed.
+QUICK_START = [
+    command.split(" && ", 1)[1]
+    for command in DOCUMENTED
+    if command.startswith("pip install ") and " && python -m example_app" in command
+]
 
 
 def test_every_documented_command_is_run_by_a_test():
     run = {*SERVERS, *DEV_SERVER, *PASTE, *FLASK, *FIRST_APP, *CURL, *SPHINX}  # tests/test_docs.py
-    # pip's are run by .ci/run (the test command) and by hand in a new venv.
+    # pip's are run by .ci/run (the test command) and by hand in a new venv; what
+    # follows a pip install is run here.
+    assert QUICK_START == ["python -m example_app"]
     assert [c for c in DOCUMENTED if c not in run and not c.startswith("pip ")] == []
+
+
+def test_the_readmes_first_command_serves_the_example_on_sqlite(tmp_path):
+    copy_of_example_app(tmp_path)  # its SQLite file goes to instance/ in the current directory
+    [command] = QUICK_START
+    server = start_server(
+        as_written(command), "", tmp_path / "server.log", cwd=tmp_path, pythonpath=False,
+        environment={"PORT": "{port}"},
+    )  # fmt: skip
+    try:
+        score = exercise(server.base_url, clients=2, writes=8)
+    finally:
+        server.stop()
+
+    assert not score.unanswered, server.report()
+    assert len(score.saved) == 2 * 6 and len(score.refused) == 2 * 2
+    with sqlite3.connect(tmp_path / "instance" / "notes.db") as side_door:
+        score.check_against([body for (body,) in side_door.execute("SELECT body FROM note")])
+    assert "Restarting with" in server.output  # the reloader is on
 
 
 def test_the_docs_document_every_production_server():
