@@ -44,7 +44,7 @@ class ThreadStores:
     another thread raises :class:`WrongThreadError` naming both threads.
     """
 
-    __slots__ = ("default", "registry", "thread", "thread_name")
+    __slots__ = ("default", "registry", "requests", "thread", "thread_name")
 
     def __init__(self, registry: StoreRegistry) -> None:
         self.registry = registry
@@ -52,6 +52,8 @@ class ThreadStores:
         self.thread_name = threading.current_thread().name
         #: A lazy proxy to the default store: nothing connects until it is used.
         self.default = cast(Store, _StoreProxy(self.get))
+        #: How many WSGI requests the thread has served with them.
+        self.requests = 0
 
     def get(self, name: str | None = None) -> Store:
         """This thread's store called ``name`` (the default store if ``None``).

@@ -4,10 +4,13 @@ A server that runs every request in a new thread (werkzeug's development
 server, ``socketserver.ThreadingMixIn``) would open a PostgreSQL connection
 per request: a store belongs to its thread, and its connection is closed when
 the thread ends. Instead, a thread that ends hands its connection over, if
-it is idle, to the next thread that opens one for the same database. A
-thread of the pool's own resets it at once (``DISCARD ALL``: no advisory
-lock, temporary table, LISTEN or setting of the ended thread's session is
-left); one that fails the reset is closed. A connection whose thread ended
+it is idle, to the next thread that opens one for the same database; while
+no thread has served two requests, a thread hands it over as soon as its
+request ends (:meth:`StoreRegistry.request_ended`), since the next request's
+thread may start before this one ends. A thread of the pool's own resets
+it at once (``DISCARD ALL``: no advisory lock, temporary table, LISTEN or
+setting of the ended thread's session is left); one that fails the reset is
+closed. A connection whose thread ended
 inside a transaction is closed, so that its locks go at once.
 
 At most ``keep`` connections wait per database; one that waited longer than
@@ -25,7 +28,7 @@ import time
 import weakref
 from typing import Any
 
-from storm.database import STATE_CONNECTED, Database
+from storm.database import STATE_CONNECTED, STATE_RECONNECT, Database
 from storm.databases.postgres import Postgres
 from storm.store import Store
 
@@ -35,6 +38,7 @@ __all__ = [
     "connect_fresh",
     "hand_over",
     "install",
+    "release",
     "spare_count",
 ]
 
@@ -214,6 +218,21 @@ def hand_over(store: Store) -> bool:
     """Give the connection of a store whose thread ended to the next thread; false if not."""
     spare = _spare_of(store._database)
     return spare is not None and spare.take_back(store)
+
+
+def release(store: Store) -> bool:
+    """Give the idle connection of a live store to the next thread now; false if not.
+
+    The store connects again, taking a spare connection first, when it is next
+    used.
+    """
+    spare = _spare_of(store._database)
+    if spare is None or not spare.take_back(store):
+        return False
+    connection = store._connection
+    connection._closed = False
+    connection._state = STATE_RECONNECT
+    return True
 
 
 def connect_fresh(database: Database) -> Any:

@@ -105,6 +105,8 @@ class StoreRegistry(ZStorm):
             raise ConfigurationError(
                 f"spare_timeout must be a number of seconds > 0, not {spare_timeout!r}"
             )
+        #: Whether a thread has served two requests: threads are pooled, not one a request.
+        self._pooled = False
         self.spare_connections = spare_connections
         self.spare_timeout = float(spare_timeout)
         # ZStorm caches databases in a class attribute, shared by every
@@ -138,6 +140,22 @@ class StoreRegistry(ZStorm):
         except AttributeError:
             handles = self._local.handles = ThreadStores(self)
             return handles
+
+    def request_ended(self, handles: ThreadStores) -> None:
+        """A WSGI request of the calling thread ended, and its transaction.
+
+        While no thread of this registry has served two requests (a server
+        that gives each request a thread of its own), the thread's idle
+        PostgreSQL connections go to the next thread now, not when this one
+        ends, which may be after the next request's thread has started.
+        """
+        if handles.requests > 1:
+            self._pooled = True
+        if self._pooled:
+            return
+        closer = self._local.__dict__.get("closer")
+        for store in closer.stores if closer is not None else ():
+            handoff.release(store)
 
     def database(self, name: str | None = None) -> Database:
         """The Storm database of the store called ``name`` (the default if ``None``)."""

@@ -233,6 +233,7 @@ class MiddleStorm:
         self, environ: Environ, start_response: StartResponse, stores: ThreadStores
     ) -> Iterable[bytes]:
         """Run the request, and again after a transient failure the client saw nothing of."""
+        stores.requests += 1
         retries = self.retry.attempts > 1
         body = None
         original = environ
@@ -696,6 +697,8 @@ class _Exchange:
         if self._route_token is not None:
             routes.end(self._route_token)
             self._route_token = None
+        if self._bind:
+            self.registry.request_ended(self.stores)
         stats = self.stats
         if stats is not None and timing.stop(stats):
             timing.log.debug(
