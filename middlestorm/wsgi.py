@@ -449,8 +449,6 @@ class _Exchange:
     def run(self) -> Iterable[bytes]:
         middleware = self.middleware
         manager = self.registry.transaction_manager
-        self._route_token = routes.begin(self.environ, manager)  # refuses a bad mode first
-        self.route = routes.current()
         exchanges = _open_exchanges()
         # A request's thread is free again: whatever it left open (on any manager,
         # inner middlewares' too) the server never closed.
@@ -460,6 +458,10 @@ class _Exchange:
             ):
                 if unclosed is not None:
                     unclosed.abandon()
+        # After the abandoned ones have unbound theirs; before anything is begun,
+        # so that a bad mode is refused with nothing to undo.
+        self._route_token = routes.begin(self.environ, manager)
+        self.route = routes.current()
         begin_transaction(manager)
         exchanges[id(manager)] = self
         if self._bind:

@@ -10,7 +10,7 @@ from storm.exceptions import DisconnectionError
 
 from middlestorm import MiddleStormError, NoRequestError, RetryPolicy, current_registry
 from middlestorm.routes import MODE_KEY, USER_KEY, Mode, no_transaction, read_only, set_mode
-from tests.helpers import call
+from tests.helpers import call, start
 from tests.models import Note
 
 
@@ -65,6 +65,23 @@ def test_a_read_only_route_leaves_the_connection_writable_for_the_next_request(d
     assert call(app, "/write", "POST").status == "201 Created"
 
     assert db.notes() == ["after"]
+
+
+def test_a_read_only_route_stays_read_only_after_a_response_the_server_never_closed(db, middleware):
+    def streamed(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iter([b"never", b"finished"])
+
+    paths = {"/stream": streamed, "/write": read_only(note_writer())}
+    app = middleware(
+        lambda environ, start_response: paths[environ["PATH_INFO"]](environ, start_response)
+    )
+    start(app, "/stream")  # the server never iterates nor closes it
+
+    with pytest.raises(Exception, match="read-only transaction|readonly database"):
+        call(app, "/write", "POST")
+
+    assert db.notes() == []
 
 
 def test_the_mode_may_come_from_a_layer_in_front_of_the_middleware(db, middleware):
