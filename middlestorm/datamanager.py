@@ -87,7 +87,7 @@ def _join(store: Store, registry_ref: weakref.ref[StoreRegistry]) -> bool:
         manager.two_phase = twophase.for_transaction(registry, txn)
         manager.two_phase.members[manager.name] = store
     timeouts.apply(store)
-    routes.apply(store)
+    routes.apply(store, registry.transaction_manager)
     return False  # joined once per transaction: hooked again when it ends
 
 

@@ -4,10 +4,11 @@ A server that runs every request in a new thread (werkzeug's development
 server, ``socketserver.ThreadingMixIn``) would open a PostgreSQL connection
 per request: a store belongs to its thread, and its connection is closed when
 the thread ends. Instead, a thread that ends hands its connection over, if
-it is idle, to the next thread that opens one for the same database; while
-no thread has served two requests, a thread hands it over as soon as its
-request ends (:meth:`StoreRegistry.request_ended`), since the next request's
-thread may start before this one ends. A thread of the pool's own resets
+it is idle, to the next thread that opens one for the same database. Once a
+thread has ended after one request, and while no thread has served two, a
+thread hands it over as soon as its request ends
+(:meth:`StoreRegistry.request_ended`), since the next request's thread may
+start before this one ends. A thread of the pool's own resets
 it at once (``DISCARD ALL``: no advisory lock, temporary table, LISTEN or
 setting of the ended thread's session is left); one that fails the reset is
 closed. A connection whose thread ended

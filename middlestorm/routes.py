@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
+from storm.database import STATE_RECONNECT
 from storm.databases.sqlite import SQLite
 from storm.store import Store
 from transaction.interfaces import ITransaction, ITransactionManager
@@ -113,9 +114,8 @@ def current() -> Route | None:
     return _route.get()
 
 
-def end(token: Token[Route | None]) -> None:
-    """End the request's route: its SQLite connections may write again."""
-    route = _route.get()
+def end(token: Token[Route | None], route: Route | None) -> None:
+    """End the request's ``route``: its SQLite connections may write again."""
     context.restore(_route, token)
     if route is None:
         return
@@ -125,14 +125,22 @@ def end(token: Token[Route | None]) -> None:
             try:
                 raw.execute("PRAGMA query_only = 0")
             except Exception:
-                log.debug("making an SQLite connection writable again failed", exc_info=True)
+                log.warning(
+                    "an SQLite connection of a read-only request could not be made writable "
+                    "again; it is closed, and the store opens another when next used",
+                    exc_info=True,
+                )
+                store._connection.close()
+                store._connection._closed = False
+                store._connection._state = STATE_RECONNECT
     route.read_only_stores.clear()
 
 
-def apply(store: Store) -> None:
-    """Make ``store`` read-only as it joins a read-only request's transaction."""
+def apply(store: Store, manager: ITransactionManager) -> None:
+    """Make ``store`` read-only as it joins a read-only request's transaction of ``manager``
+    (a unit of work of another manager, another registry's, is left alone)."""
     route = _route.get()
-    if route is None:
+    if route is None or route.manager is not manager:
         return
     route.joined = True
     if route.mode is not Mode.READ_ONLY:

@@ -107,6 +107,8 @@ class StoreRegistry(ZStorm):
             )
         #: Whether a thread has served two requests: threads are pooled, not one a request.
         self._pooled = False
+        #: Whether a thread ended after serving one request: threads may be one a request.
+        self._short_threads = False
         self.spare_connections = spare_connections
         self.spare_timeout = float(spare_timeout)
         # ZStorm caches databases in a class attribute, shared by every
@@ -144,17 +146,21 @@ class StoreRegistry(ZStorm):
     def request_ended(self, handles: ThreadStores) -> None:
         """A WSGI request of the calling thread ended, and its transaction.
 
-        While no thread of this registry has served two requests (a server
-        that gives each request a thread of its own), the thread's idle
-        PostgreSQL connections go to the next thread now, not when this one
-        ends, which may be after the next request's thread has started.
+        Once a thread of this registry has ended after one request, and while
+        none has served two (a server that gives each request a thread of its
+        own), the thread's idle PostgreSQL connections go to the next thread
+        now, not when this one ends, which may be after the next request's
+        thread has started.
         """
+        closer = self._local.__dict__.get("closer")
+        if closer is None:
+            return
+        closer.served[0] = handles.requests
         if handles.requests > 1:
             self._pooled = True
-        if self._pooled:
+        if self._pooled or not self._short_threads:
             return
-        closer = self._local.__dict__.get("closer")
-        for store in closer.stores if closer is not None else ():
+        for store in closer.stores:
             handoff.release(store)
 
     def database(self, name: str | None = None) -> Database:
@@ -238,7 +244,7 @@ class StoreRegistry(ZStorm):
         )
         thread_stores = self._local.__dict__.get("closer")
         if thread_stores is None:
-            thread_stores = self._local.closer = _ThreadStores()
+            thread_stores = self._local.closer = _ThreadStores(self)
         thread_stores.stores.append(store)
         return store
 
@@ -315,9 +321,13 @@ class StoreRegistry(ZStorm):
 class _ThreadStores:
     """Held in one thread's slot of a registry; closes its stores when the thread ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: StoreRegistry) -> None:
         self.stores: list[Store] = []
-        self._finalizer = weakref.finalize(self, _close_all, self.stores, os.getpid())
+        #: How many WSGI requests the thread had served when its last one ended.
+        self.served = [0]
+        self._finalizer = weakref.finalize(
+            self, _close_all, self.stores, os.getpid(), self.served, weakref.ref(registry)
+        )
         self._finalizer.atexit = False
 
     def end(self) -> None:
@@ -325,10 +335,15 @@ class _ThreadStores:
         self._finalizer()
 
 
-def _close_all(stores: list[Store], pid: int) -> None:
+def _close_all(
+    stores: list[Store], pid: int, served: list[int], registry: weakref.ref[StoreRegistry]
+) -> None:
     closing = _retire if os.getpid() == pid else _abandon
     for store in stores:
         closing(store)
+    owner = registry()
+    if served[0] == 1 and owner is not None and os.getpid() == pid:
+        owner._short_threads = True  # this thread ended after one request
 
 
 def _retire(store: Store) -> None:

@@ -27,7 +27,11 @@ savepoint and a new one, a ROLLBACK a rollback to it, and at the end all of
 it is rolled back. So the code under test commits, rolls back and sees its
 own writes as it would, and nothing reaches the database. Only this thread's
 stores take part: a request served by a real server in another thread, or a
-unit of work run in a worker thread, commits for real.
+unit of work run in a worker thread, commits for real, and so do stores
+opened afresh after ``registry.release()`` in the block. What a savepoint does
+not do as a COMMIT does is not tested this way: deferred constraints are
+checked only at the end (never, as it is rolled back), and a two-phase
+registry is refused.
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from storm.store import Store
+from storm.tracer import trace
 from werkzeug.test import Client
+
+from middlestorm.errors import ConfigurationError, MiddleStormError
+from middlestorm.timeouts import Timeouts, is_postgres
 
 if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
@@ -55,6 +63,12 @@ def rolled_back(registry: StoreRegistry) -> Iterator[StoreRegistry]:
 
     A transaction under way in the registry's manager is aborted first.
     """
+    if registry.two_phase:
+        raise ConfigurationError(
+            "rolled_back() cannot hold a two-phase registry's transactions: PREPARE "
+            "TRANSACTION would prepare, and COMMIT PREPARED commit, the test's own; test "
+            "with a registry of the same databases made without two_phase=True"
+        )
     manager = registry.transaction_manager
     manager.abort()
     stores = [registry.get(name) for name in registry.names]
@@ -72,16 +86,29 @@ def rolled_back(registry: StoreRegistry) -> Iterator[StoreRegistry]:
 def _hold(store: Store) -> Any:
     """Open a transaction in ``store`` that its commits and rollbacks stay inside."""
     connection = store._connection
+    if "commit" in connection.__dict__:
+        raise MiddleStormError(
+            "this store is already inside rolled_back(): blocks of it do not nest"
+        )
     raw_execute = connection.raw_execute
     connection._ensure_connected()
     raw_execute(f"SAVEPOINT {SAVEPOINT}").close()  # opens the transaction first
+    # What a real COMMIT or ROLLBACK ends and a savepoint's does not: SET LOCAL limits.
+    reset = Timeouts().sql(reset_unset=True) if is_postgres(store) else ""
+
+    def end_of_transaction() -> None:
+        if reset:
+            raw_execute(reset).close()
 
     def commit(xid: object = None) -> None:
         raw_execute(f"RELEASE SAVEPOINT {SAVEPOINT}").close()
         raw_execute(f"SAVEPOINT {SAVEPOINT}").close()
+        end_of_transaction()
+        trace("connection_commit", connection, xid)  # as a real one: the unit of work counts it
 
     def rollback(xid: object = None) -> None:
         raw_execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}").close()
+        end_of_transaction()
 
     connection.commit = commit
     connection.rollback = rollback

@@ -32,7 +32,12 @@ from storm.store import EmptyResultSet, ResultSet, Store
 from middlestorm import context
 from middlestorm import timeouts as limits
 from middlestorm.errors import ConfigurationError, MiddleStormError
-from middlestorm.lifecycle import abort_quietly, begin_transaction, end_transaction
+from middlestorm.lifecycle import (
+    abort_quietly,
+    begin_transaction,
+    end_transaction,
+    thread_manager,
+)
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify
 
 if TYPE_CHECKING:
@@ -69,13 +74,16 @@ class Unit:
     app, is not seen.)
     """
 
-    __slots__ = ("committed", "managers", "thread")
+    __slots__ = ("committed", "managers", "outer", "thread")
 
-    def __init__(self, managers: set[int] | None = None) -> None:
+    def __init__(self, managers: set[int] | None = None, outer: Unit | None = None) -> None:
         self.thread = threading.get_ident()
         self.committed = False
         #: ``id()`` of the transaction managers whose transaction it runs in.
         self.managers: set[int] = set() if managers is None else managers
+        #: The unit of work this one runs inside (of another manager, or of a route
+        #: without a request transaction): what this one commits, that one did too.
+        self.outer = outer
 
     def __repr__(self) -> str:
         return f"<Unit of thread {self.thread} committed={self.committed}>"
@@ -180,15 +188,23 @@ def joins(registry: StoreRegistry) -> bool:
     )
 
 
+def resume_unit(unit: Unit | None) -> Token[Unit | None]:
+    """Make ``unit`` the one under way again (a streamed body, produced after its request
+    returned); undo with :func:`end_unit`."""
+    return _unit.set(unit)
+
+
 def end_unit(token: Token[Unit | None]) -> None:
     _unit.reset(token)
 
 
 def note_commit(status: bool = True) -> None:
-    """Record that something of the unit of work under way has been committed."""
+    """Record that something of the unit of work under way (and so of the units it runs
+    inside) has been committed."""
     unit = _unit.get()
-    if status and unit is not None:
+    while status and unit is not None:
         unit.committed = True
+        unit = unit.outer
 
 
 class Next(enum.Enum):
@@ -424,8 +440,18 @@ class _Outermost:
     def __enter__(self) -> Unit:
         registry = self.registry
         manager = registry.transaction_manager
+        inner = thread_manager(manager)
+        if inner is not None and inner._txn is not None and inner._txn._resources:
+            log.warning(
+                "a unit of work begins while a transaction that stores joined is open in "
+                "this thread (work done outside a unit of work, in a route without a "
+                "request transaction, say): that transaction is rolled back"
+            )
         begin_transaction(manager)
-        unit = Unit({id(manager)})
+        outer = _unit.get()
+        if outer is not None and outer.thread != threading.get_ident():
+            outer = None  # a copy of another thread's context: its unit is not this one's
+        unit = Unit({id(manager)}, outer)
         self._tokens = (
             _unit.set(unit),
             limits.bind(self.timeouts),

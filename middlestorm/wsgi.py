@@ -50,7 +50,7 @@ from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify, sq
 from middlestorm.routes import Mode
 from middlestorm.stores import DEFAULT_STORE, StoreRegistry
 from middlestorm.timeouts import Timeouts
-from middlestorm.work import Next, attempts, begin_unit, end_unit, join_unit
+from middlestorm.work import Next, Unit, attempts, begin_unit, end_unit, join_unit, resume_unit
 
 __all__ = ["MiddleStorm", "decorator", "make_middleware"]
 
@@ -246,6 +246,7 @@ class MiddleStorm:
             environ[ATTEMPT_KEY] = attempt.number
             exchange = _Exchange(self, stores, environ, start_response, bind=True)
             unit, unit_token = begin_unit(self.registry.transaction_manager)
+            exchange.unit = unit
             try:
                 return exchange.run()
             except BaseException as error:
@@ -408,7 +409,7 @@ class _Exchange:
         "__weakref__", "_bind", "_exc_info", "_forward_at_once", "_limits", "_route_token",
         "_server_start_response", "_server_write", "_token", "broken", "closed_elsewhere",
         "committed", "ended", "environ", "headers", "middleware", "registry", "route",
-        "stats", "status", "stores", "written",
+        "stats", "status", "stores", "unit", "written",
     )  # fmt: skip
 
     def __init__(
@@ -444,6 +445,8 @@ class _Exchange:
         self._route_token: Token | None = None
         #: What the route asked of the transaction (:mod:`middlestorm.routes`).
         self.route: routes.Route | None = None
+        #: The request's unit of work (outermost exchanges only).
+        self.unit: Unit | None = None
         self.stats: timing.RequestStats | None = None
 
     def run(self) -> Iterable[bytes]:
@@ -462,12 +465,17 @@ class _Exchange:
         # so that a bad mode is refused with nothing to undo.
         self._route_token = routes.begin(self.environ, manager)
         self.route = routes.current()
-        begin_transaction(manager)
+        try:
+            begin_transaction(manager)
+        except BaseException:
+            routes.end(self._route_token, self.route)
+            self._route_token = None
+            raise
         exchanges[id(manager)] = self
         if self._bind:
             self._token = context.bind(self.stores)
-        else:  # an inner middleware's transaction: nested units join it too
-            join_unit(manager)
+        elif self.route is None or self.route.mode is not Mode.NONE:
+            join_unit(manager)  # an inner middleware's transaction: nested units join it too
         self._limits = timeouts.bind(self.environ.get(TIMEOUTS_KEY, middleware.timeouts))
         if middleware.server_timing or timing.log.isEnabledFor(logging.DEBUG):
             self.stats = timing.start()
@@ -633,7 +641,7 @@ class _Exchange:
         mode = Mode.REQUEST if self.route is None else self.route.mode
         if mode is not Mode.REQUEST:
             commit = False
-            if mode is Mode.NONE:
+            if mode is Mode.NONE and self.registry.transaction_manager.get()._resources:
                 log.warning(
                     "%s has no request transaction, but left one open: it is rolled back "
                     "(do its work in units of work, such as 'with registry.transaction():')",
@@ -654,8 +662,11 @@ class _Exchange:
         """Abort, while the reason (an error, a disconnect) is raised elsewhere."""
         if self.ended or not self._owns_transaction():
             return
+        manager = self.registry.transaction_manager
         try:
-            abort_quietly(self.registry.transaction_manager)
+            if under_way(manager):
+                routes.annotate(manager.get(), self.environ)
+            abort_quietly(manager)
         finally:
             self._done("aborted")
 
@@ -697,7 +708,7 @@ class _Exchange:
             timeouts.unbind(self._limits)
             self._limits = None
         if self._route_token is not None:
-            routes.end(self._route_token)
+            routes.end(self._route_token, self.route)
             self._route_token = None
         if self._bind:
             self.registry.request_ended(self.stores)
@@ -741,6 +752,14 @@ class _StreamedBody:
         exchange = self._exchange
         if exchange.ended or exchange.closed_elsewhere:
             raise StopIteration
+        # The request's unit of work, for units of work the body runs: they join it.
+        token = resume_unit(exchange.unit)
+        try:
+            return self._next(exchange)
+        finally:
+            end_unit(token)
+
+    def _next(self, exchange: _Exchange) -> bytes:
         try:
             if self._iterator is None:
                 self._iterator = iter(self._result)
@@ -782,9 +801,11 @@ class _StreamedBody:
 
     def close(self) -> None:
         exchange = self._exchange
+        token = resume_unit(exchange.unit)
         try:
             self._close_app()
         finally:
+            end_unit(token)
             exchange.fail()  # nothing left to do when the body had run out
 
     def _close_app(self) -> None:

@@ -148,8 +148,15 @@ def pid_app(environ, start_response):
     return [str(pid).encode()]
 
 
+def a_thread_ends_after_one_request(middleware: MiddleStorm) -> None:
+    """What tells a registry that its server gives each request a thread of its own."""
+    in_thread(lambda: call(middleware))
+    assert handed_over(middleware.registry)
+
+
 def test_a_request_thread_hands_its_connection_over_as_its_request_ends(pg, closing):
     middleware = MiddleStorm(pid_app, closing(StoreRegistry({"main": pg.uri})))
+    a_thread_ends_after_one_request(middleware)
     first: list[bytes] = []
     linger = threading.Event()
 
@@ -171,9 +178,18 @@ def test_a_request_thread_hands_its_connection_over_as_its_request_ends(pg, clos
     assert pg.backends() == 1
 
 
+def test_threads_that_have_not_ended_keep_their_connections(pg, closing):
+    registry = closing(StoreRegistry({"main": pg.uri}))
+
+    call(MiddleStorm(pid_app, registry))  # no thread has ended yet: it may be a pool's
+
+    assert spare_count(registry.database()) == 0
+
+
 def test_a_thread_that_serves_many_requests_keeps_its_connection(pg, closing):
     registry = closing(StoreRegistry({"main": pg.uri}))
     middleware = MiddleStorm(pid_app, registry)
+    a_thread_ends_after_one_request(middleware)
 
     def three_requests() -> list[tuple[bytes, int]]:
         return [(call(middleware).data, spare_count(registry.database())) for _ in range(3)]

@@ -7,9 +7,26 @@ import logging
 import pytest
 import transaction
 from storm.exceptions import DisconnectionError
+from transaction import ThreadTransactionManager
+from transaction.interfaces import AlreadyInTransaction
 
-from middlestorm import MiddleStormError, NoRequestError, RetryPolicy, current_registry
-from middlestorm.routes import MODE_KEY, USER_KEY, Mode, no_transaction, read_only, set_mode
+from middlestorm import (
+    MiddleStorm,
+    MiddleStormError,
+    NoRequestError,
+    RetryPolicy,
+    StoreRegistry,
+    current_registry,
+)
+from middlestorm.routes import (
+    MODE_KEY,
+    USER_KEY,
+    Mode,
+    current,
+    no_transaction,
+    read_only,
+    set_mode,
+)
 from tests.helpers import call, start
 from tests.models import Note
 
@@ -211,3 +228,140 @@ def test_the_servers_remote_user_names_the_user_when_the_app_does_not(db, middle
     assert annotations_of(note_writer(), middleware, REMOTE_USER="bob") == [
         (True, "POST /notes", "bob")
     ]
+
+
+# -- found in review: other registries, inner middlewares, retries ---------------
+
+
+def other_registry(tmp_path):
+    """A registry of a database of its own, with a transaction manager of its own."""
+    from tests.conftest import make_database
+
+    database = make_database("sqlite", tmp_path / "other")
+    registry = StoreRegistry({"main": database.uri}, transaction_manager=ThreadTransactionManager())
+    return database, registry
+
+
+def test_a_read_only_route_leaves_another_registrys_units_of_work_writable(
+    db, middleware, tmp_path
+):
+    audit_db, audit = other_registry(tmp_path)
+
+    @read_only
+    def report(environ, start_response):
+        with audit.transaction():
+            audit.get().add(Note("report viewed"))
+        start_response("200 OK", [])
+        return [b""]
+
+    try:
+        assert call(middleware(report)).status == "200 OK"
+    finally:
+        audit.release()
+
+    assert audit_db.notes() == ["report viewed"]
+
+
+def test_a_mode_of_none_from_environ_reaches_an_inner_middleware(db, middleware, tmp_path):
+    inner_db, inner_registry = other_registry(tmp_path)
+
+    def view(environ, start_response):
+        with inner_registry.transaction():
+            inner_registry.get().add(Note("unit of work"))
+        start_response("200 OK", [])
+        return [b""]
+
+    app = middleware(MiddleStorm(view, inner_registry))
+    try:
+        assert call(app, environ={MODE_KEY: "none"}).status == "200 OK"
+    finally:
+        inner_registry.release()
+
+    assert inner_db.notes() == ["unit of work"]
+
+
+def test_a_request_is_not_run_again_once_a_unit_of_work_in_it_committed(db, middleware, tmp_path):
+    audit_db, audit = other_registry(tmp_path)
+    runs = []
+
+    def app(environ, start_response):
+        runs.append(1)
+        with audit.transaction():  # another registry: commits on its own
+            audit.get().add(Note(f"run {len(runs)}"))
+        raise DisconnectionError("the connection went away after the audit row committed")
+
+    try:
+        with pytest.raises(DisconnectionError):
+            call(middleware(app, retry=RetryPolicy(attempts=3, backoff=0)))
+    finally:
+        audit.release()
+
+    assert len(runs) == 1 and audit_db.notes() == ["run 1"]
+
+
+def test_a_request_whose_transaction_cannot_begin_leaves_no_mode_behind(tmp_path):
+    database, _ = other_registry(tmp_path / "a")
+    manager = ThreadTransactionManager()
+    manager.explicit = True
+    registry = StoreRegistry({"main": database.uri}, transaction_manager=manager)
+    app = MiddleStorm(note_writer(), registry)
+    manager.begin()  # left open by earlier code: an explicit manager refuses another begin()
+    try:
+        with pytest.raises(AlreadyInTransaction):
+            call(app, environ={MODE_KEY: "read-only"})
+    finally:
+        manager.abort()
+        registry.release()
+
+    assert current() is None
+
+
+def test_work_left_open_before_a_unit_of_work_is_rolled_back_with_a_warning(db, middleware, caplog):
+    @no_transaction
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("outside any unit"))
+        environ["storm.store"].flush()
+        with current_registry().transaction():
+            environ["storm.store"].add(Note("in a unit"))
+        start_response("200 OK", [])
+        return [b""]
+
+    with caplog.at_level(logging.WARNING, logger="middlestorm"):
+        call(middleware(app))
+
+    assert db.notes() == ["in a unit"]
+    assert "a unit of work begins while a transaction that stores joined is open" in caplog.text
+
+
+def test_an_aborted_transaction_says_which_request_and_user_it_was(db, middleware):
+    seen = []
+
+    def app(environ, start_response):
+        txn = transaction.get()
+        txn.addBeforeAbortHook(lambda: seen.append((txn.description, txn.user)))
+        environ["storm.store"].add(Note("refused"))
+        raise ValueError("the view failed")
+
+    with pytest.raises(ValueError):
+        call(middleware(app), "/notes", "POST", environ={USER_KEY: "alice"})
+
+    assert seen == [("POST /notes", "alice")]
+
+
+def test_a_unit_of_work_in_a_streamed_body_joins_the_requests_transaction(db, middleware):
+    def app(environ, start_response):
+        store = environ["storm.store"]
+        store.add(Note("the request's own"))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            yield b"exporting..."
+            with current_registry().transaction():  # joins: nothing is aborted
+                store.add(Note("the body's unit of work"))
+            yield b"done"
+
+        return body()
+
+    assert call(middleware(app)).data == b"exporting...done"
+
+    assert db.notes() == ["the request's own", "the body's unit of work"]

@@ -6,9 +6,19 @@ import textwrap
 
 import pytest
 import transaction
+from storm.exceptions import DisconnectionError
 
-from middlestorm import run_in_transaction
+from middlestorm import (
+    ConfigurationError,
+    MiddleStorm,
+    MiddleStormError,
+    RetryPolicy,
+    StoreRegistry,
+    Timeouts,
+    run_in_transaction,
+)
 from middlestorm.testing import rolled_back
+from tests.helpers import call
 from tests.models import Note
 
 
@@ -141,3 +151,64 @@ def test_the_plugin_is_not_registered_unless_a_conftest_asks_for_it(pytester):
 
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'storm_client' not found*"])
+
+
+def test_a_two_phase_registry_is_refused_naming_what_to_use_instead():
+    registry = StoreRegistry({"main": "sqlite:"})
+    registry.two_phase = True  # as StoreRegistry(two_phase=True) on PostgreSQL databases
+
+    with pytest.raises(ConfigurationError, match="without two_phase=True"), rolled_back(registry):
+        pass
+
+
+def test_blocks_do_not_nest(db, registry):
+    with (
+        rolled_back(registry),
+        pytest.raises(MiddleStormError, match="do not nest"),
+        rolled_back(registry),
+    ):
+        pass
+
+
+def test_a_request_that_committed_itself_is_not_run_again_as_in_production(db, registry):
+    runs = []
+
+    def app(environ, start_response):
+        runs.append(1)
+        environ["storm.store"].add(Note(f"run {len(runs)}"))
+        environ["storm.store"].commit()  # the app commits itself, then fails transiently
+        raise DisconnectionError("the connection went away after the app's own commit")
+
+    middleware = MiddleStorm(app, registry, retry=RetryPolicy(attempts=3, backoff=0))
+    with rolled_back(registry), pytest.raises(DisconnectionError):
+        call(middleware)
+
+    assert len(runs) == 1
+
+
+@pytest.mark.postgres
+def test_a_requests_statement_limit_ends_with_its_transaction(pg):
+    registry = StoreRegistry({"main": pg.uri})
+    middleware = MiddleStorm(
+        lambda environ, start_response: (start_response("200 OK", []), [b""])[1],
+        registry,
+        timeouts=Timeouts(statement=5),
+    )
+
+    def limit() -> str:
+        return registry.get().execute("SHOW statement_timeout").get_one()[0]
+
+    def touching(environ, start_response):
+        environ["storm.store"].execute("SELECT 1")
+        start_response("200 OK", [])
+        return [b""]
+
+    middleware.app = touching
+    try:
+        with rolled_back(registry):
+            call(middleware)
+            after = run_in_transaction(registry, limit)
+    finally:
+        registry.release()
+
+    assert after == "0"  # the request's 5 s limit went with its (savepoint) commit
