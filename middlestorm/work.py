@@ -188,14 +188,15 @@ def joins(registry: StoreRegistry) -> bool:
     )
 
 
-def resume_unit(unit: Unit | None) -> Token[Unit | None]:
+def resume_unit(unit: Unit | None) -> Token[Unit | None] | None:
     """Make ``unit`` the one under way again (a streamed body, produced after its request
-    returned); undo with :func:`end_unit`."""
-    return _unit.set(unit)
+    returned); undo with :func:`end_unit`. ``None`` leaves the one under way as it is."""
+    return None if unit is None else _unit.set(unit)
 
 
-def end_unit(token: Token[Unit | None]) -> None:
-    _unit.reset(token)
+def end_unit(token: Token[Unit | None] | None) -> None:
+    if token is not None:
+        _unit.reset(token)
 
 
 def note_commit(status: bool = True) -> None:
