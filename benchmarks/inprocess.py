@@ -99,8 +99,11 @@ def table(results: list[dict[str, Any]], rounds: int, requests: int) -> report.T
             case["route"],
             CONTENDERS[case["contender"]].label,
             f"{summary['per_second']['median']:,.0f}",
-            _spread(ratio, 2) if ratio and case["contender"] != BASELINE else "—",
-            f"{_spread(cost, 1, sign=True)} vs {CONTENDERS[case['cost_baseline']].label}"
+            stats.Spread.from_dict(ratio).text()
+            if ratio and case["contender"] != BASELINE
+            else "—",
+            f"{stats.Spread.from_dict(cost).text(1, sign=True)} vs "
+            f"{CONTENDERS[case['cost_baseline']].label}"
             if cost and not is_baseline
             else "—",
             case["errors"],
@@ -109,10 +112,6 @@ def table(results: list[dict[str, Any]], rounds: int, requests: int) -> report.T
         "Medians of same-round figures; the baseline is bare on /nodb, by hand elsewhere."
     )
     return result
-
-
-def _spread(values: dict[str, float], digits: int, sign: bool = False) -> str:
-    return stats.Spread(values["median"], values["min"], values["max"]).text(digits, sign)
 
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:

@@ -177,7 +177,7 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> report.Tab
             case["route"],
             CONTENDERS[case["contender"]].label,
             f"{summary['per_second']['median']:,.0f}",
-            stats.Spread(ratio["median"], ratio["min"], ratio["max"]).text()
+            stats.Spread.from_dict(ratio).text()
             if ratio and case["contender"] != BASELINE
             else "—",
             f"{summary['p50_ms']['median']:.2f}",

@@ -28,6 +28,11 @@ class Spread:
     def as_dict(self) -> dict[str, float]:
         return {"median": self.median, "min": self.low, "max": self.high}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, float]) -> Spread:
+        """The spread :meth:`as_dict` gave (as stored in the results)."""
+        return cls(values["median"], values["min"], values["max"])
+
     def text(self, digits: int = 2, sign: bool = False) -> str:
         style = f"{'+' if sign else ''}.{digits}f"
         return f"{self.median:{style}} [{self.low:{style}}, {self.high:{style}}]"

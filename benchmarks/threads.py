@@ -189,7 +189,7 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> report.Tab
         result.add(
             CONTENDERS[case["contender"]].label,
             f"{summary['per_second']['median']:,.0f}",
-            stats.Spread(ratio["median"], ratio["min"], ratio["max"]).text()
+            stats.Spread.from_dict(ratio).text()
             if ratio and case["contender"] != BASELINE
             else "—",
             f"{summary['connections_opened']['median']:,.0f}",
