@@ -60,11 +60,19 @@ def begin_transaction(manager: ITransactionManager) -> None:
     A transaction begun by ``manager.get()`` (a store joining, the app
     asking for it) is the one ``begin()`` would make, unless synchronizers
     must hear of it, the manager is explicit, or a transaction is under way
-    (``begin()`` aborts it): only then is it begun now. A unit of work that
-    never uses one costs no transaction at all.
+    (``begin()`` aborts it, with a warning if stores had joined it): only then
+    is it begun now. A unit of work that never uses one costs no transaction
+    at all.
     """
     inner = thread_manager(manager)
     if inner is None or inner._txn is not None or inner.explicit or inner._synchs:
+        leftover = None if inner is None or inner.explicit else inner._txn
+        if leftover is not None and leftover._resources:
+            log.warning(
+                "a unit of work begins while a transaction that stores joined is open in "
+                "this thread (work done outside a unit of work, in a route without a "
+                "request transaction, say): that transaction is rolled back"
+            )
         manager.begin()
 
 

@@ -32,12 +32,7 @@ from storm.store import EmptyResultSet, ResultSet, Store
 from middlestorm import context
 from middlestorm import timeouts as limits
 from middlestorm.errors import ConfigurationError, MiddleStormError
-from middlestorm.lifecycle import (
-    abort_quietly,
-    begin_transaction,
-    end_transaction,
-    thread_manager,
-)
+from middlestorm.lifecycle import abort_quietly, begin_transaction, end_transaction
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy, Verdict, classify
 
 if TYPE_CHECKING:
@@ -441,13 +436,6 @@ class _Outermost:
     def __enter__(self) -> Unit:
         registry = self.registry
         manager = registry.transaction_manager
-        inner = thread_manager(manager)
-        if inner is not None and inner._txn is not None and inner._txn._resources:
-            log.warning(
-                "a unit of work begins while a transaction that stores joined is open in "
-                "this thread (work done outside a unit of work, in a route without a "
-                "request transaction, say): that transaction is rolled back"
-            )
         begin_transaction(manager)
         outer = _unit.get()
         if outer is not None and outer.thread != threading.get_ident():
