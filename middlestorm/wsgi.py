@@ -764,6 +764,8 @@ class _StreamedBody:
             if self._iterator is None:
                 self._iterator = iter(self._result)
             chunk = next(self._iterator)
+            if exchange.status is None:
+                raise _no_status()
             if self._remaining is _UNKNOWN:  # the status may come with the first chunk
                 length = _content_length(exchange.headers)
                 self._remaining = None if length is None else length - exchange.written
@@ -786,6 +788,8 @@ class _StreamedBody:
         exchange = self._exchange
         try:
             self._close_app()
+            if exchange.status is None:
+                raise _no_status()
         except BaseException:
             exchange.fail()
             raise
@@ -815,6 +819,13 @@ class _StreamedBody:
 
 
 _UNKNOWN = object()
+
+
+def _no_status() -> RuntimeError:
+    return RuntimeError(
+        "the application returned its body without calling start_response (PEP 3333 "
+        "asks for it before the first chunk of the body): its transaction is rolled back"
+    )
 
 
 def _replayable_body(environ: Environ, limit: int, in_memory: int) -> ReplayableInput | None:

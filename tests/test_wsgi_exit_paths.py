@@ -94,6 +94,21 @@ def test_a_list_body_ends_its_transaction_once_by_commit(db, middleware, ends):
     assert db.notes() == ["kept"]
 
 
+@pytest.mark.parametrize("body", ["list", "generator"])
+def test_an_app_that_never_calls_start_response_is_refused_and_aborted_once(
+    db, middleware, ends, body
+):
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("lost"))
+        return [b"ok"] if body == "list" else iter([b"ok"])
+
+    with pytest.raises(RuntimeError, match="without calling start_response"):
+        call(middleware(app))
+
+    assert ends == ["aborted"]
+    assert db.notes() == [] and db.idle_in_transaction() == 0
+
+
 def test_a_streamed_body_whose_veto_raises_aborts_once(db, middleware, ends):
     def veto(environ, status, headers):
         raise KeyError("broken veto")
