@@ -41,9 +41,12 @@ def default_commit_veto(
     commits, any other value aborts.
     """
     for name, value in headers:
-        if name.lower() == "x-tm":
+        if len(name) == 4 and name.lower() == "x-tm":
             return value.strip().lower() != "commit"
-    code = status.split(None, 1)[0]
+    code = status[:3]
+    if code.isascii() and code.isdigit() and status[3:4] in ("", " "):
+        return code >= "400"  # the usual "200 OK", without splitting it
+    code = status.split(None, 1)[0] if status.strip() else ""
     return not code.isdigit() or int(code) >= 400
 
 

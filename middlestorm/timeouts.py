@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from storm.databases.postgres import Postgres
 from storm.store import Store
@@ -58,7 +58,7 @@ class Timeouts:
                 )
 
     def __bool__(self) -> bool:
-        return any(getattr(self, name) is not None for name in _SETTINGS)
+        return self.statement is not None or self.idle_in_transaction is not None
 
     def sql(self, *, reset_unset: bool = False) -> str:
         """``SET LOCAL`` for each limit set (and, with ``reset_unset``, back to the
@@ -73,12 +73,14 @@ class Timeouts:
         return "; ".join(parts)
 
 
-@dataclass
 class _Budget:
     """The limits of the unit of work under way, and the stores that got them."""
 
-    timeouts: Timeouts
-    applied: list[Store] = field(default_factory=list)
+    __slots__ = ("applied", "timeouts")
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
+        self.applied: list[Store] = []
 
 
 _budget: ContextVar[_Budget | None] = ContextVar("middlestorm.timeouts", default=None)
@@ -129,7 +131,7 @@ def override(*, statement: object = _KEEP, idle_in_transaction: object = _KEEP) 
 def apply(store: Store) -> None:
     """Send the current limits to ``store`` as it joins a transaction (PostgreSQL only)."""
     budget = _budget.get()
-    if budget is None or not is_postgres(store):
+    if budget is None or not isinstance(store._database, Postgres):
         return
     if budget.timeouts:
         send(store, budget.timeouts.sql())
