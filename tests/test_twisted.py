@@ -38,6 +38,19 @@ def test_a_thousand_concurrent_deferreds_use_at_most_eight_threads_and_stores(db
         assert wait_for(lambda: db.backends() == 0)  # nothing left once the reactor stopped
 
 
+def test_calls_made_one_after_the_other_reuse_one_thread(db):
+    assert scenario("one_by_one", db)["threads"] == 1
+
+
+def test_calls_still_waiting_when_the_reactor_stops_are_run_before_it_exits(db):
+    seen = scenario("shutdown", db)
+
+    assert seen["exit"] == 0
+    assert sorted(db.notes()) == sorted(f"note {number}" for number in range(40))
+    if db.kind == "postgres":
+        assert wait_for(lambda: db.backends() == 0)
+
+
 def test_a_failure_is_the_errback_and_nothing_is_committed(db):
     assert scenario("failure", db)["error"] == "bad input"
     assert db.notes() == []

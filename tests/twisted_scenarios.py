@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from typing import Any
 
 from transaction.interfaces import TransientError
@@ -99,7 +100,32 @@ async def cancel(reactor: Any, registry: StoreRegistry, stores: DeferredStores) 
     return {"outcome": outcome}
 
 
-SCENARIOS = {"many": many, "failure": failure, "retry": retry, "live": live, "cancel": cancel}
+async def one_by_one(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    threads = set()
+    for _ in range(20):
+        threads.add(await stores.run(threading.get_ident))
+    return {"threads": len(threads)}
+
+
+async def shutdown(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    def add(number: int) -> None:
+        time.sleep(0.01)
+        registry.get().add(Note(f"note {number}"))
+
+    for number in range(40):
+        stores.run(add, number)  # not awaited: the reactor stops with most still waiting
+    return {"submitted": 40}
+
+
+SCENARIOS = {
+    "many": many,
+    "failure": failure,
+    "retry": retry,
+    "live": live,
+    "cancel": cancel,
+    "one_by_one": one_by_one,
+    "shutdown": shutdown,
+}
 
 
 def main() -> None:
