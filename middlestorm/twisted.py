@@ -22,21 +22,19 @@ nothing keeps the process from exiting. Cancelling the ``Deferred`` rolls the
 unit of work back unless its COMMIT is already under way. It needs Twisted
 (``middlestorm[twisted]``).
 
-The pool is a queue and the threads that take calls from it: handing it a
-call costs less than half what handing one to Twisted's ``ThreadPool`` costs.
+The pool is a :class:`middlestorm.pool.WorkerPool`, not Twisted's
+``ThreadPool``, which costs more than twice as much to hand a call to.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from middlestorm.pool import Outbox, WorkerPool
 from middlestorm.retry import DEFAULT_POLICY, RetryPolicy
 from middlestorm.timeouts import Timeouts
 from middlestorm.work import Cancellation, check_workers, run_in_worker
@@ -45,8 +43,6 @@ if TYPE_CHECKING:
     from middlestorm.stores import StoreRegistry
 
 __all__ = ["DeferredStores"]
-
-log = logging.getLogger(__name__)
 
 
 class DeferredStores:
@@ -77,7 +73,9 @@ class DeferredStores:
         self.policy = policy
         self.timeouts = timeouts
         self.workers = check_workers(workers)
-        self._pool: _Pool | None = None
+        self._pool: WorkerPool | None = None
+        #: What the pool's threads hand the reactor: each call's outcome.
+        self._outbox = Outbox(reactor.callFromThread)
 
     def run(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred[Any]:
         """Run ``function(*args, **kwargs)`` as a unit of work in the pool; its result, deferred.
@@ -87,12 +85,20 @@ class DeferredStores:
         """
         pool = self._pool
         if pool is None:
-            pool = self._pool = _Pool(self.workers, self.reactor.callFromThread)
+            pool = self._pool = WorkerPool(self.workers, "middlestorm")
             self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         cancelled = Cancellation()
         result: Deferred[Any] = Deferred(cancelled.set)
+        put = self._outbox.put
+
+        def done(succeeded: bool, outcome: Any) -> None:  # in the worker thread
+            if succeeded:
+                put(result.callback, outcome)
+            else:
+                put(result.errback, Failure(outcome, type(outcome), outcome.__traceback__))
+
         pool.submit(
-            result, run_in_worker, (self.registry, cancelled, function, *args),
+            done, run_in_worker, (self.registry, cancelled, function, *args),
             {"policy": self.policy, "timeouts": self.timeouts, **kwargs},
         )  # fmt: skip
         return result
@@ -104,77 +110,3 @@ class DeferredStores:
         if pool is not None:
             pool.stop()
         self.registry.close_spare_connections()  # what the ended threads handed over
-
-
-_Call = tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
-
-
-class _Pool:
-    """Up to ``size`` threads that run calls from one queue and hand each outcome to
-    ``call_from_thread`` (the reactor's), as a Deferred's callback or errback.
-
-    A thread is started for a call while fewer than ``size`` run and none is idle.
-    """
-
-    def __init__(self, size: int, call_from_thread: Callable[..., Any]) -> None:
-        self._size = size
-        self._call_from_thread = call_from_thread
-        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        #: Threads done with their call and not yet promised another.
-        self._idle = 0
-
-    def submit(
-        self,
-        result: Deferred[Any],
-        function: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        with self._lock:
-            if self._idle:
-                self._idle -= 1  # an idle thread takes it
-            elif len(self._threads) < self._size:
-                thread = threading.Thread(
-                    target=self._work, name=f"middlestorm-{len(self._threads)}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
-        self._queue.put((result, function, args, kwargs))
-
-    def _work(self) -> None:
-        take = self._queue.get
-        while (call := take()) is not None:
-            self._run(*call)
-            call = None  # nothing of a call outlives it in an idle thread
-
-    def _run(
-        self,
-        result: Deferred[Any],
-        function: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        deliver: Callable[[Any], None]
-        try:
-            outcome = function(*args, **kwargs)
-        except BaseException as error:
-            deliver, outcome = result.errback, Failure(error, type(error), error.__traceback__)
-        else:
-            deliver = result.callback
-        with self._lock:  # idle before the reactor hears: a call it makes next reuses this thread
-            self._idle += 1
-        try:
-            self._call_from_thread(deliver, outcome)
-        except Exception:  # the reactor is gone; the thread stays for the calls waiting
-            log.exception("the outcome of a unit of work could not be handed to the reactor")
-
-    def stop(self) -> None:
-        """Run the calls waiting, then end the threads, and wait for them."""
-        with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
-            self._queue.put(None)
-        for thread in threads:
-            thread.join()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from transaction.interfaces import TransientError
@@ -86,6 +87,37 @@ def test_cancelling_the_awaiting_task_rolls_the_unit_of_work_back(registry, db):
     asyncio.run(main())
 
     assert db.notes() == []
+
+
+def test_a_unit_of_work_raising_stopiteration_reaches_the_awaiter_as_runtimeerror(registry, db):
+    def stop() -> None:
+        registry.get().add(Note("rolled back"))
+        raise StopIteration("a generator ran out in the wrong place")
+
+    async def main() -> None:
+        async with AsyncStores(registry) as stores:
+            await asyncio.wait_for(stores.run(stop), 10)
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        asyncio.run(main())
+    assert db.notes() == []
+
+
+def test_calls_waiting_when_the_stores_close_are_run_first(registry, db):
+    def add(number: int) -> None:
+        time.sleep(0.005)
+        registry.get().add(Note(f"note {number}"))
+
+    async def main() -> None:
+        stores = AsyncStores(registry, workers=2)
+        pending = [asyncio.ensure_future(stores.run(add, n)) for n in range(20)]
+        await asyncio.sleep(0)  # every call is handed to the pool
+        await stores.aclose()
+        await asyncio.gather(*pending)
+
+    asyncio.run(main())
+
+    assert sorted(db.notes()) == sorted(f"note {number}" for number in range(20))
 
 
 def test_a_storm_object_returned_to_the_coroutine_is_refused(registry, db):
