@@ -38,7 +38,7 @@ class WorkerPool:
     """Up to ``size`` threads that run calls from one queue, in the order given.
 
     A thread is started for a call while fewer than ``size`` run and none is
-    idle; threads run until :meth:`stop`.
+    idle; threads run until :meth:`stop`, after which calls are refused.
     """
 
     def __init__(self, size: int, name: str) -> None:
@@ -49,26 +49,53 @@ class WorkerPool:
         self._lock = threading.Lock()
         #: Threads done with their call and not yet promised another.
         self._idle = 0
+        self._stopped = False
 
     def submit(self, done: Done, function: Callable[..., Any], args: Args, kwargs: Kwargs) -> None:
-        """Run ``function(*args, **kwargs)`` in a worker thread, then ``done`` there."""
+        """Run ``function(*args, **kwargs)`` in a worker thread, then ``done`` there.
+
+        :raises RuntimeError: once the pool is stopped, or when no thread can be
+            started and none runs.
+        """
         with self._lock:
+            if self._stopped:
+                raise RuntimeError(f"the {self.name} worker threads are stopped")
             if self._idle:
                 self._idle -= 1  # an idle thread takes it
             elif len(self._threads) < self.size:
-                thread = threading.Thread(
-                    target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
-        self._queue.put((done, function, args, kwargs))
+                self._start_thread()
+            self._queue.put((done, function, args, kwargs))
+
+    def _start_thread(self) -> None:
+        thread = threading.Thread(
+            target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # out of threads: the ones running take the call later
+            if not self._threads:
+                raise
+            log.warning(
+                "no more %s worker threads could be started; %d serve on",
+                self.name,
+                len(self._threads),
+                exc_info=True,
+            )
+            self.size = len(self._threads)
+            return
+        self._threads.append(thread)
 
     def stop(self) -> None:
-        """Run the calls waiting, then end the threads, and wait for them."""
+        """Refuse new calls, run the calls waiting, end the threads, and wait for them.
+
+        A call that waits for the thread calling ``stop()`` (a Twisted
+        ``blockingCallFromThread`` to a reactor that is stopping) never ends.
+        """
         with self._lock:
+            self._stopped = True
             threads = list(self._threads)
-        for _ in threads:
-            self._queue.put(None)
+            for _ in threads:
+                self._queue.put(None)
         for thread in threads:
             thread.join()
 
@@ -87,8 +114,12 @@ class WorkerPool:
             self._idle += 1
         try:
             done(succeeded, outcome)
-        except Exception:  # the event loop is gone; the thread stays for the calls waiting
+        except BaseException:  # the event loop is gone; the thread stays for the calls waiting
             log.exception("the outcome of a call could not be handed back to its event loop")
+        finally:
+            # A failure's traceback holds this frame: without these, the call's
+            # arguments and outcome would wait for the garbage collector.
+            del done, function, args, kwargs, outcome
 
 
 class Outbox:

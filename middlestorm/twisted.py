@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 from middlestorm.pool import Outbox, WorkerPool
@@ -73,40 +73,48 @@ class DeferredStores:
         self.policy = policy
         self.timeouts = timeouts
         self.workers = check_workers(workers)
-        self._pool: WorkerPool | None = None
+        self._pool = WorkerPool(self.workers, "middlestorm")
         #: What the pool's threads hand the reactor: each call's outcome.
         self._outbox = Outbox(reactor.callFromThread)
+        reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def run(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred[Any]:
         """Run ``function(*args, **kwargs)`` as a unit of work in the pool; its result, deferred.
 
-        The errback gets a ``LiveObjectError`` when it returns a Storm object,
-        store or result set.
+        Call it in the reactor's thread. The errback gets a ``LiveObjectError``
+        when the function returns a Storm object, store or result set, and a
+        ``RuntimeError`` once the pool is stopped (the reactor shut down).
         """
-        pool = self._pool
-        if pool is None:
-            pool = self._pool = WorkerPool(self.workers, "middlestorm")
-            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         cancelled = Cancellation()
         result: Deferred[Any] = Deferred(cancelled.set)
         put = self._outbox.put
 
         def done(succeeded: bool, outcome: Any) -> None:  # in the worker thread
-            if succeeded:
-                put(result.callback, outcome)
-            else:
-                put(result.errback, Failure(outcome, type(outcome), outcome.__traceback__))
+            if not succeeded:
+                outcome = Failure(outcome, type(outcome), outcome.__traceback__)
+            put(_fire, result, succeeded, outcome)
 
-        pool.submit(
-            done, run_in_worker, (self.registry, cancelled, function, *args),
-            {"policy": self.policy, "timeouts": self.timeouts, **kwargs},
-        )  # fmt: skip
+        try:
+            self._pool.submit(
+                done, run_in_worker, (self.registry, cancelled, function, *args),
+                {"policy": self.policy, "timeouts": self.timeouts, **kwargs},
+            )  # fmt: skip
+        except RuntimeError as error:
+            return fail(error)
         return result
 
     def stop(self) -> None:
-        """Run the units of work under way and waiting, end the threads, close their
-        connections."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.stop()
+        """Refuse new units of work, run the ones under way and waiting, end the threads,
+        close their connections (the reactor's shutdown calls it)."""
+        self._pool.stop()
         self.registry.close_spare_connections()  # what the ended threads handed over
+
+
+def _fire(result: Deferred[Any], succeeded: bool, outcome: Any) -> None:
+    """Give ``result`` the unit of work's outcome, unless it was cancelled meanwhile."""
+    if result.called:
+        return
+    if succeeded:
+        result.callback(outcome)
+    else:
+        result.errback(outcome)

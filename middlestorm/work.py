@@ -342,7 +342,12 @@ def run_in_worker(
     **kwargs: Any,
 ) -> T:
     """Run ``function(*args, **kwargs)`` as a unit of work for another thread, which gets
-    its result: a plain value, checked before the commit (:func:`check_plain`)."""
+    its result: a plain value, checked before the commit (:func:`check_plain`).
+
+    :raises Cancelled: without running it, when ``cancelled`` is set already.
+    """
+    if cancelled.is_set():
+        raise Cancelled("the caller stopped waiting before the unit of work began: not run")
 
     def checked() -> T:
         result = function(*args, **kwargs)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -101,6 +103,56 @@ def test_a_done_that_raises_is_logged_and_the_thread_serves_on(caplog):
 
     assert outcomes.seen == [(True, 7)]
     assert "could not be handed back" in caplog.text
+
+
+def test_a_done_that_raises_systemexit_leaves_the_thread_serving(caplog):
+    pool = WorkerPool(1, "test")
+    outcomes = Outcomes(1)
+
+    def exiting_done(succeeded: bool, outcome: object) -> None:
+        raise SystemExit(3)
+
+    with caplog.at_level(logging.ERROR, logger="middlestorm.pool"):
+        pool.submit(exiting_done, int, (), {})
+        pool.submit(outcomes.done, int, ("7",), {})
+        assert outcomes.all_in.wait(10)
+    pool.stop()
+
+    assert outcomes.seen == [(True, 7)]
+
+
+def test_a_stopped_pool_refuses_calls():
+    pool = WorkerPool(2, "test")
+    pool.submit(Outcomes(1).done, int, (), {})
+    pool.stop()
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        pool.submit(Outcomes(1).done, int, (), {})
+
+
+class Argument:
+    """An argument whose end a weak reference sees."""
+
+
+def test_nothing_of_a_failed_call_outlives_its_handing_back():
+    pool = WorkerPool(1, "test")
+    outcomes = Outcomes(1)
+    argument = Argument()
+    alive = weakref.ref(argument)
+
+    def fail(argument: Argument) -> None:
+        raise ValueError("bad")
+
+    gc.disable()  # freed by reference counting, not found later by the collector
+    try:
+        pool.submit(outcomes.done, fail, (argument,), {})
+        del argument
+        assert outcomes.all_in.wait(10)
+        outcomes.seen.clear()
+        pool.stop()
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 def test_outcomes_put_from_worker_threads_run_in_the_loops_thread_in_order():

@@ -51,6 +51,20 @@ def test_calls_still_waiting_when_the_reactor_stops_are_run_before_it_exits(db):
         assert wait_for(lambda: db.backends() == 0)
 
 
+def test_a_call_made_after_the_reactor_shut_down_fails_loudly_and_runs_nothing(db):
+    seen = scenario("after_shutdown", db)
+
+    assert "stopped" in seen["error"]
+    assert db.notes() == ["in time"]
+
+
+def test_a_call_cancelled_while_waiting_never_runs_and_cancelling_logs_nothing(db):
+    seen = scenario("cancel_waiting", db)
+
+    assert seen["runs"] == ["first"]
+    assert seen["logged"] == []
+
+
 def test_a_failure_is_the_errback_and_nothing_is_committed(db):
     assert scenario("failure", db)["error"] == "bad input"
     assert db.notes() == []

@@ -117,7 +117,57 @@ async def shutdown(reactor: Any, registry: StoreRegistry, stores: DeferredStores
     return {"submitted": 40}
 
 
+async def after_shutdown(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    seen: dict = {"error": None}
+
+    def late() -> None:
+        registry.get().add(Note("too late"))
+
+    def run_late() -> None:
+        stores.run(late).addErrback(lambda failure: seen.update(error=str(failure.value)))
+
+    def in_time() -> None:
+        registry.get().add(Note("in time"))
+
+    reactor.addSystemEventTrigger("after", "shutdown", run_late)
+    await stores.run(in_time)
+    return seen
+
+
+async def cancel_waiting(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    from twisted.logger import globalLogPublisher
+
+    logged: list[str] = []
+    globalLogPublisher.addObserver(
+        lambda event: event.get("log_failure") and logged.append(event["log_failure"].type.__name__)
+    )
+    started, proceed = threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    def first() -> None:
+        runs.append("first")
+        started.set()
+        proceed.wait(10)
+
+    def second() -> None:
+        runs.append("second")
+
+    one = stores.run(first)
+    two = stores.run(second)  # waits: the pool has one thread
+    while not started.is_set():
+        await task.deferLater(reactor, 0.01, lambda: None)
+    one.cancel()
+    two.cancel()
+    proceed.set()
+    for deferred in (one, two):
+        deferred.addErrback(lambda failure: failure.trap(defer.CancelledError))
+    await task.deferLater(reactor, 0.3, lambda: None)  # both outcomes arrive meanwhile
+    return {"runs": runs, "logged": logged}
+
+
 SCENARIOS = {
+    "after_shutdown": after_shutdown,
+    "cancel_waiting": cancel_waiting,
     "many": many,
     "failure": failure,
     "retry": retry,
@@ -135,11 +185,15 @@ def main() -> None:
 
     def run(reactor: Any) -> defer.Deferred:
         stores = DeferredStores(
-            registry, reactor=reactor, workers=8, policy=RetryPolicy(backoff=0.001)
+            registry,
+            reactor=reactor,
+            workers=1 if scenario == "cancel_waiting" else 8,
+            policy=RetryPolicy(backoff=0.001),
         )
 
         async def scenario_then_record() -> None:
-            seen.update(await SCENARIOS[scenario](reactor, registry, stores))
+            # Read once the reactor has stopped: what a scenario sees during shutdown counts.
+            seen["result"] = await SCENARIOS[scenario](reactor, registry, stores)
 
         return defer.ensureDeferred(scenario_then_record())
 
@@ -147,7 +201,7 @@ def main() -> None:
         task.react(run)
     except SystemExit as exit:
         seen["exit"] = exit.code
-    print(json.dumps(seen))
+    print(json.dumps({**seen.pop("result", {}), **seen}))
 
 
 if __name__ == "__main__":
