@@ -44,7 +44,7 @@ def default_commit_veto(
         if len(name) == 4 and name.lower() == "x-tm":
             return value.strip().lower() != "commit"
     code = status[:3]
-    if code.isascii() and code.isdigit() and status[3:4] in ("", " "):
+    if len(code) == 3 and code.isascii() and code.isdigit() and status[3:4] in ("", " "):
         return code >= "400"  # the usual "200 OK", without splitting it
     code = status.split(None, 1)[0] if status.strip() else ""
     return not code.isdigit() or int(code) >= 400

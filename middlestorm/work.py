@@ -291,8 +291,9 @@ def run_in_transaction(
     :param timeouts: limits PostgreSQL enforces on each attempt's transaction.
     :param savepoint: when joining, run ``function`` in a savepoint, rolled
         back alone if it raises (the error is raised still).
-    :param cancelled: checked before committing: once set, the attempt is
-        rolled back and :class:`Cancelled` raised.
+    :param cancelled: checked before each attempt and before committing:
+        once set, nothing more is run, the attempt under way is rolled back,
+        and :class:`Cancelled` raised (or the failure that ended the attempt).
     :returns: what ``function`` returned in the attempt that committed.
     """
     if joins(registry):
@@ -301,19 +302,23 @@ def run_in_transaction(
     manager = registry.transaction_manager
     started = time.monotonic()
     for number in range(1, policy.attempts + 1):
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled("the caller stopped waiting before the unit of work began: not run")
         with _Outermost(registry, timeouts) as unit:
             try:
                 result = function()
                 if cancelled is not None and cancelled.is_set():
-                    abort_quietly(manager)
                     raise Cancelled("the caller stopped waiting: the unit of work was rolled back")
                 end_transaction(registry, commit=True)
             except Cancelled:
+                abort_quietly(manager)
                 raise
             except BaseException as error:
                 abort_quietly(manager)
-                if not unit.committed and (
-                    Attempt(number, policy, started).failed(error) is Next.RETRY
+                if (
+                    not unit.committed
+                    and (cancelled is None or not cancelled.is_set())
+                    and Attempt(number, policy, started).failed(error) is Next.RETRY
                 ):
                     continue
                 raise
@@ -343,11 +348,7 @@ def run_in_worker(
 ) -> T:
     """Run ``function(*args, **kwargs)`` as a unit of work for another thread, which gets
     its result: a plain value, checked before the commit (:func:`check_plain`).
-
-    :raises Cancelled: without running it, when ``cancelled`` is set already.
     """
-    if cancelled.is_set():
-        raise Cancelled("the caller stopped waiting before the unit of work began: not run")
 
     def checked() -> T:
         result = function(*args, **kwargs)

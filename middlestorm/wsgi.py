@@ -760,9 +760,11 @@ class _StreamedBody:
             if self._iterator is None:
                 self._iterator = iter(self._result)
             chunk = next(self._iterator)
-            if exchange.status is None:
-                raise _no_status()
-            if self._remaining is _UNKNOWN:  # the status may come with the first chunk
+            if exchange.status is None:  # the status may come with the first bytes
+                if chunk:
+                    raise _no_status()
+                return chunk
+            if self._remaining is _UNKNOWN:
                 length = _content_length(exchange.headers)
                 self._remaining = None if length is None else length - exchange.written
             if isinstance(self._remaining, int):
@@ -820,7 +822,7 @@ _UNKNOWN = object()
 def _no_status() -> RuntimeError:
     return RuntimeError(
         "the application returned its body without calling start_response (PEP 3333 "
-        "asks for it before the first chunk of the body): its transaction is rolled back"
+        "asks for it before the body's first bytes): its transaction is rolled back"
     )
 
 

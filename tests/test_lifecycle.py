@@ -8,7 +8,7 @@ from middlestorm import default_commit_veto
 
 
 @pytest.mark.parametrize(
-    "status", ["200 OK", "201 Created", "204 No Content", "302 Found", "200", "399 Odd"]
+    "status", ["200 OK", "201 Created", "204 No Content", "302 Found", "200", "399 Odd", "99", "5"]
 )
 def test_success_and_redirects_are_not_vetoed(status):
     assert default_commit_veto({}, status, []) is False

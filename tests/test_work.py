@@ -292,6 +292,51 @@ def test_a_cancelled_unit_of_work_is_rolled_back_not_committed(registry, db):
     assert db.notes() == []
 
 
+def test_a_unit_of_work_cancelled_before_it_begins_is_not_run(registry):
+    from middlestorm.work import Cancellation, Cancelled
+
+    cancelled, runs = Cancellation(), []
+    cancelled.set()
+
+    with pytest.raises(Cancelled, match="not run"):
+        run_in_transaction(registry, lambda: runs.append(1), cancelled=cancelled)
+    assert runs == []
+
+
+def test_a_unit_of_work_cancelled_during_a_failed_attempt_is_not_run_again(registry, db):
+    from middlestorm.work import Cancellation
+
+    cancelled, runs = Cancellation(), []
+
+    def work() -> None:
+        runs.append(len(runs) + 1)
+        registry.get().add(Note(f"run {runs[-1]}"))
+        cancelled.set()  # the caller stops waiting while the attempt fails
+        raise TransientError("a conflict")
+
+    with pytest.raises(TransientError):
+        run_in_transaction(registry, work, cancelled=cancelled, policy=FAST)
+    assert runs == [1]
+    assert db.notes() == []
+
+
+def test_a_cancelled_error_raised_by_the_work_rolls_its_transaction_back(registry, db):
+    from middlestorm.work import Cancelled
+
+    def work() -> None:
+        registry.get().add(Note("rolled back"))
+        registry.get().flush()
+        raise Cancelled("a nested unit of work was cancelled")
+
+    with pytest.raises(Cancelled):
+        run_in_transaction(registry, work)
+    assert db.notes() == []
+    assert db.idle_in_transaction() == 0
+    registry.get().add(Note("next"))  # the thread's next unit of work begins cleanly
+    transaction.commit()
+    assert db.notes() == ["next"]
+
+
 def test_units_of_work_in_many_threads_each_use_their_own_store(registry, db):
     from concurrent.futures import ThreadPoolExecutor
 

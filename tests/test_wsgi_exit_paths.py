@@ -109,6 +109,22 @@ def test_an_app_that_never_calls_start_response_is_refused_and_aborted_once(
     assert db.notes() == [] and db.idle_in_transaction() == 0
 
 
+def test_an_empty_chunk_before_start_response_is_allowed_and_the_body_committed(
+    db, middleware, ends
+):
+    def app(environ, start_response):
+        environ["storm.store"].add(Note("kept"))
+        yield b""  # PEP 3333: start_response comes before the first body bytestring
+        start_response("200 OK", [("Content-Length", "2")])
+        yield b"ok"
+
+    exchange = call(middleware(app))
+
+    assert exchange.status == "200 OK" and b"".join(exchange.body) == b"ok"
+    assert ends == ["committed"]
+    assert db.notes() == ["kept"]
+
+
 def test_a_streamed_body_whose_veto_raises_aborts_once(db, middleware, ends):
     def veto(environ, status, headers):
         raise KeyError("broken veto")
