@@ -303,7 +303,8 @@ def run_in_transaction(
     started = time.monotonic()
     for number in range(1, policy.attempts + 1):
         if cancelled is not None and cancelled.is_set():
-            raise Cancelled("the caller stopped waiting before the unit of work began: not run")
+            again = " again" if number > 1 else ""
+            raise Cancelled(f"the caller stopped waiting: the unit of work was not run{again}")
         with _Outermost(registry, timeouts) as unit:
             try:
                 result = function()
@@ -347,8 +348,7 @@ def run_in_worker(
     **kwargs: Any,
 ) -> T:
     """Run ``function(*args, **kwargs)`` as a unit of work for another thread, which gets
-    its result: a plain value, checked before the commit (:func:`check_plain`).
-    """
+    its result: a plain value, checked before the commit (:func:`check_plain`)."""
 
     def checked() -> T:
         result = function(*args, **kwargs)

@@ -88,12 +88,13 @@ def test_a_call_that_raises_hands_done_its_exception_and_the_thread_serves_on():
     assert outcomes.seen == [(False, error), (True, "42")]
 
 
-def test_a_done_that_raises_is_logged_and_the_thread_serves_on(caplog):
+@pytest.mark.parametrize("error", [RuntimeError("the loop is gone"), SystemExit(3)])
+def test_a_done_that_raises_is_logged_and_the_thread_serves_on(caplog, error):
     pool = WorkerPool(1, "test")
     outcomes = Outcomes(1)
 
     def broken_done(succeeded: bool, outcome: object) -> None:
-        raise RuntimeError("the loop is gone")
+        raise error
 
     with caplog.at_level(logging.ERROR, logger="middlestorm.pool"):
         pool.submit(broken_done, int, (), {})
@@ -103,22 +104,6 @@ def test_a_done_that_raises_is_logged_and_the_thread_serves_on(caplog):
 
     assert outcomes.seen == [(True, 7)]
     assert "could not be handed back" in caplog.text
-
-
-def test_a_done_that_raises_systemexit_leaves_the_thread_serving(caplog):
-    pool = WorkerPool(1, "test")
-    outcomes = Outcomes(1)
-
-    def exiting_done(succeeded: bool, outcome: object) -> None:
-        raise SystemExit(3)
-
-    with caplog.at_level(logging.ERROR, logger="middlestorm.pool"):
-        pool.submit(exiting_done, int, (), {})
-        pool.submit(outcomes.done, int, ("7",), {})
-        assert outcomes.all_in.wait(10)
-    pool.stop()
-
-    assert outcomes.seen == [(True, 7)]
 
 
 def test_a_stopped_pool_refuses_calls():
