@@ -81,7 +81,7 @@ class AsyncStores:
             self._outbox = (loop, Outbox(loop.call_soon_threadsafe))
         put = self._outbox[1].put
         future: asyncio.Future[T] = loop.create_future()
-        cancelled = Cancellation()
+        cancelled = _Abandoned(future)
 
         def done(succeeded: bool, outcome: Any) -> None:  # in the worker thread
             put(_settle, future, succeeded, outcome)
@@ -112,6 +112,20 @@ class AsyncStores:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class _Abandoned(Cancellation):
+    """Set once the awaiting task is cancelled: its future is cancelled the moment the
+    task is, while the task itself hears of it only when the loop next runs it."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        super().__init__()
+        self._future = future
+
+    def is_set(self) -> bool:
+        return self._set or self._future.cancelled()
 
 
 def _settle(future: asyncio.Future[Any], succeeded: bool, outcome: Any) -> None:

@@ -120,6 +120,29 @@ def test_calls_waiting_when_the_stores_close_are_run_first(registry, db):
     assert sorted(db.notes()) == sorted(f"note {number}" for number in range(20))
 
 
+def test_a_unit_of_work_finishing_right_after_its_task_was_cancelled_is_rolled_back(registry, db):
+    started, proceed = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        registry.get().add(Note("cancelled"))
+        started.set()
+        proceed.wait(10)
+
+    async def main() -> None:
+        async with AsyncStores(registry) as stores:
+            task = asyncio.create_task(stores.run(slow))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            task.cancel()
+            proceed.set()
+            time.sleep(0.3)  # the unit of work ends before the task hears it was cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+    assert db.notes() == []
+
+
 def test_a_storm_object_returned_to_the_coroutine_is_refused(registry, db):
     def leak() -> list[Note]:
         note = Note("stays in the worker")
