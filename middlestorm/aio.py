@@ -27,6 +27,8 @@ half what a ``ThreadPoolExecutor`` costs to hand a call to.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,9 +66,12 @@ class AsyncStores:
         self.policy = policy
         self.timeouts = timeouts
         self._pool = WorkerPool(check_workers(workers), "middlestorm-aio")
-        #: What the threads hand the event loop, and that loop.
-        self._outbox: tuple[asyncio.AbstractEventLoop, Outbox] | None = None
+        #: What the threads hand each event loop that awaits units of work.
+        self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = (
+            weakref.WeakKeyDictionary()
+        )
         self._closed = False
+        self._stopped = threading.Event()
 
     async def run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``function(*args, **kwargs)`` as a unit of work in a worker thread; its result.
@@ -77,14 +82,16 @@ class AsyncStores:
         if self._closed:
             raise RuntimeError("these AsyncStores are closed")
         loop = asyncio.get_running_loop()
-        if self._outbox is None or self._outbox[0] is not loop:
-            self._outbox = (loop, Outbox(loop.call_soon_threadsafe))
-        put = self._outbox[1].put
+        outbox = self._outboxes.get(loop)
+        if outbox is None:
+            outbox = self._outboxes[loop] = Outbox(loop.call_soon_threadsafe)
+        put = outbox.put
         future: asyncio.Future[T] = loop.create_future()
         cancelled = _Abandoned(future)
 
         def done(succeeded: bool, outcome: Any) -> None:  # in the worker thread
-            put(_settle, future, succeeded, outcome)
+            if not future.cancelled():  # its loop may be gone: nobody waits
+                put(_settle, future, succeeded, outcome)
 
         self._pool.submit(
             done, run_in_worker, (self.registry, cancelled, function, *args),
@@ -97,15 +104,20 @@ class AsyncStores:
             raise
 
     async def aclose(self) -> None:
-        """Wait for the units of work under way, end the threads, close their connections."""
-        if self._closed:
-            return
-        self._closed = True
-        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+        """Wait for the units of work under way and waiting, end the threads, close their
+        connections. Called again (after a cancelled call, say), it waits all the same."""
+        loop = asyncio.get_running_loop()
+        if not self._closed:
+            self._closed = True
+            threading.Thread(target=self._shutdown, name="middlestorm-aio-close").start()
+        await loop.run_in_executor(None, self._stopped.wait)
 
     def _shutdown(self) -> None:
-        self._pool.stop()
-        self.registry.close_spare_connections()  # what the ended threads handed over
+        try:
+            self._pool.stop()
+            self.registry.close_spare_connections()  # what the ended threads handed over
+        finally:
+            self._stopped.set()
 
     async def __aenter__(self) -> AsyncStores:
         return self

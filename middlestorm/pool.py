@@ -18,6 +18,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,9 @@ Done = Callable[[bool, Any], None]
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
 _Call = tuple[Done, Callable[..., Any], Args, Kwargs]
+
+#: Seconds before another thread is started after one failed to.
+_THREAD_RETRY = 1.0
 
 
 class WorkerPool:
@@ -50,6 +54,8 @@ class WorkerPool:
         #: Threads done with their call and not yet promised another.
         self._idle = 0
         self._stopped = False
+        #: After a thread failed to start, no other is tried before this time.
+        self._no_thread_until = 0.0
 
     def submit(self, done: Done, function: Callable[..., Any], args: Args, kwargs: Kwargs) -> None:
         """Run ``function(*args, **kwargs)`` in a worker thread, then ``done`` there.
@@ -67,6 +73,8 @@ class WorkerPool:
             self._queue.put((done, function, args, kwargs))
 
     def _start_thread(self) -> None:
+        if self._threads and time.monotonic() < self._no_thread_until:
+            return
         thread = threading.Thread(
             target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True
         )
@@ -76,12 +84,12 @@ class WorkerPool:
             if not self._threads:
                 raise
             log.warning(
-                "no more %s worker threads could be started; %d serve on",
+                "no more %s worker threads could be started now; %d serve on",
                 self.name,
                 len(self._threads),
                 exc_info=True,
             )
-            self.size = len(self._threads)
+            self._no_thread_until = time.monotonic() + _THREAD_RETRY
             return
         self._threads.append(thread)
 
@@ -147,10 +155,15 @@ class Outbox:
             self._woken = True
         try:
             self._wake(self._run)
-        except BaseException:
+        except BaseException:  # the loop is closed: nothing put here can ever run
             with self._lock:
                 self._woken = False
+                self._calls.clear()
             raise
+
+    def flush(self) -> None:
+        """Run the calls put so far, now: in the loop's thread, when it will not run again."""
+        self._run()
 
     def _run(self) -> None:
         with self._lock:

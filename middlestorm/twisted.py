@@ -107,6 +107,7 @@ class DeferredStores:
         """Refuse new units of work, run the ones under way and waiting, end the threads,
         close their connections (the reactor's shutdown calls it)."""
         self._pool.stop()
+        self._outbox.flush()  # the reactor stops: their Deferreds fire now or never
         self.registry.close_spare_connections()  # what the ended threads handed over
 
 

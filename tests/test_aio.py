@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -141,6 +142,83 @@ def test_a_unit_of_work_finishing_right_after_its_task_was_cancelled_is_rolled_b
     asyncio.run(main())
 
     assert db.notes() == []
+
+
+def test_stores_serve_two_event_loops_in_two_threads_at_once(registry, db):
+    stores = AsyncStores(registry, workers=4)
+    results: dict[str, list[int]] = {}
+
+    def add(number: int) -> int:
+        registry.get().add(Note(f"note {number}"))
+        return number
+
+    def loop_thread(name: str, first: int) -> None:
+        async def main() -> list[int]:
+            return await asyncio.wait_for(
+                asyncio.gather(*(stores.run(add, n) for n in range(first, first + 200))), 20
+            )
+
+        results[name] = asyncio.run(main())
+
+    threads = [
+        threading.Thread(target=loop_thread, args=(name, first))
+        for name, first in (("a", 0), ("b", 200))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    asyncio.run(stores.aclose())
+
+    assert results == {"a": list(range(200)), "b": list(range(200, 400))}
+    assert len(db.notes()) == 400
+
+
+def test_a_unit_of_work_outliving_its_timed_out_loop_logs_nothing(registry, db, caplog):
+    finished = threading.Event()
+    stores = AsyncStores(registry)
+
+    def slow() -> None:
+        registry.get().add(Note("too late"))
+        time.sleep(0.2)
+        finished.set()
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(stores.run(slow), 0.05)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())  # the loop closes while the unit of work still runs
+        assert finished.wait(10)
+        asyncio.run(stores.aclose())
+
+    assert caplog.text == ""
+    assert db.notes() == []
+
+
+def test_closing_again_after_a_cancelled_close_waits_for_the_threads(registry, db):
+    started, proceed = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        registry.get().add(Note("finished"))
+        started.set()
+        proceed.wait(10)
+
+    async def main() -> None:
+        stores = AsyncStores(registry)
+        running = asyncio.ensure_future(stores.run(slow))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        closing = asyncio.ensure_future(stores.aclose())
+        await asyncio.sleep(0.05)
+        closing.cancel()
+        asyncio.get_running_loop().call_later(0.2, proceed.set)
+        await stores.aclose()
+        assert not [t for t in threading.enumerate() if t.name.startswith("middlestorm-aio")]
+        await running
+
+    asyncio.run(main())
+
+    assert db.notes() == ["finished"]
 
 
 def test_a_storm_object_returned_to_the_coroutine_is_refused(registry, db):

@@ -46,6 +46,7 @@ def test_calls_still_waiting_when_the_reactor_stops_are_run_before_it_exits(db):
     seen = scenario("shutdown", db)
 
     assert seen["exit"] == 0
+    assert seen["heard"] == 40  # and their Deferreds fired
     assert sorted(db.notes()) == sorted(f"note {number}" for number in range(40))
     if db.kind == "postgres":
         assert wait_for(lambda: db.backends() == 0)

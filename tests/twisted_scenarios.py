@@ -108,13 +108,18 @@ async def one_by_one(reactor: Any, registry: StoreRegistry, stores: DeferredStor
 
 
 async def shutdown(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
+    seen: dict = {"submitted": 40, "heard": 0}
+
     def add(number: int) -> None:
         time.sleep(0.01)
         registry.get().add(Note(f"note {number}"))
 
-    for number in range(40):
-        stores.run(add, number)  # not awaited: the reactor stops with most still waiting
-    return {"submitted": 40}
+    def heard(result: object) -> None:
+        seen["heard"] += 1
+
+    for number in range(40):  # not awaited: the reactor stops with most still waiting
+        stores.run(add, number).addCallback(heard)
+    return seen
 
 
 async def after_shutdown(reactor: Any, registry: StoreRegistry, stores: DeferredStores) -> dict:
