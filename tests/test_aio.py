@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 
@@ -213,7 +214,8 @@ def test_closing_again_after_a_cancelled_close_waits_for_the_threads(registry, d
         closing.cancel()
         asyncio.get_running_loop().call_later(0.2, proceed.set)
         await stores.aclose()
-        assert not [t for t in threading.enumerate() if t.name.startswith("middlestorm-aio")]
+        workers = [t for t in threading.enumerate() if re.fullmatch(r"middlestorm-aio-\d+", t.name)]
+        assert workers == []
         await running
 
     asyncio.run(main())
