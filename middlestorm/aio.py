@@ -97,11 +97,7 @@ class AsyncStores:
             done, run_in_worker, (self.registry, cancelled, function, *args),
             {"policy": self.policy, "timeouts": self.timeouts, **kwargs},
         )  # fmt: skip
-        try:
-            return await future
-        except asyncio.CancelledError:
-            cancelled.set()  # the worker rolls back instead of committing
-            raise
+        return await future  # cancelling the task cancels it: the worker rolls back
 
     async def aclose(self) -> None:
         """Wait for the units of work under way and waiting, end the threads, close their
@@ -137,7 +133,7 @@ class _Abandoned(Cancellation):
         self._future = future
 
     def is_set(self) -> bool:
-        return self._set or self._future.cancelled()
+        return self._future.cancelled()
 
 
 def _settle(future: asyncio.Future[Any], succeeded: bool, outcome: Any) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "hand_over",
     "install",
     "release",
+    "reopen_later",
     "spare_count",
 ]
 
@@ -230,10 +231,16 @@ def release(store: Store) -> bool:
     spare = _spare_of(store._database)
     if spare is None or not spare.take_back(store):
         return False
+    reopen_later(store)
+    return True
+
+
+def reopen_later(store: Store) -> None:
+    """Let a store whose connection was closed connect again when next used (Storm
+    refuses a closed connection for good)."""
     connection = store._connection
     connection._closed = False
     connection._state = STATE_RECONNECT
-    return True
 
 
 def connect_fresh(database: Database) -> Any:

@@ -154,7 +154,7 @@ class Outbox:
                 return
             self._woken = True
         try:
-            self._wake(self._run)
+            self._wake(self.flush)
         except BaseException:  # the loop is closed: nothing put here can ever run
             with self._lock:
                 self._woken = False
@@ -162,10 +162,8 @@ class Outbox:
             raise
 
     def flush(self) -> None:
-        """Run the calls put so far, now: in the loop's thread, when it will not run again."""
-        self._run()
-
-    def _run(self) -> None:
+        """Run the calls put so far, in the loop's thread: when it wakes, or now, when it
+        will not run again."""
         with self._lock:
             self._woken = False  # calls put from now on wake the loop again
             calls, self._calls = self._calls, collections.deque()

@@ -39,12 +39,11 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
-from storm.database import STATE_RECONNECT
 from storm.databases.sqlite import SQLite
 from storm.store import Store
 from transaction.interfaces import ITransaction, ITransactionManager
 
-from middlestorm import context, timeouts, work
+from middlestorm import context, handoff, timeouts, work
 from middlestorm.errors import MiddleStormError, NoRequestError
 
 __all__ = ["MODE_KEY", "USER_KEY", "Mode", "no_transaction", "read_only", "set_mode"]
@@ -131,8 +130,7 @@ def end(token: Token[Route | None], route: Route | None) -> None:
                     exc_info=True,
                 )
                 store._connection.close()
-                store._connection._closed = False
-                store._connection._state = STATE_RECONNECT
+                handoff.reopen_later(store)
     route.read_only_stores.clear()
 
 

@@ -131,7 +131,7 @@ def override(*, statement: object = _KEEP, idle_in_transaction: object = _KEEP) 
 def apply(store: Store) -> None:
     """Send the current limits to ``store`` as it joins a transaction (PostgreSQL only)."""
     budget = _budget.get()
-    if budget is None or not isinstance(store._database, Postgres):
+    if budget is None or not is_postgres(store):
         return
     if budget.timeouts:
         send(store, budget.timeouts.sql())
@@ -146,4 +146,4 @@ def send(store: Store, sql: str) -> None:
 
 
 def is_postgres(store: Store) -> bool:
-    return isinstance(store.get_database(), Postgres)
+    return isinstance(store._database, Postgres)

@@ -300,10 +300,9 @@ def run_in_transaction(
         with _joined(registry, savepoint):
             return function()
     manager = registry.transaction_manager
-    started = time.monotonic()
-    for number in range(1, policy.attempts + 1):
+    for attempt in attempts(policy):
         if cancelled is not None and cancelled.is_set():
-            again = " again" if number > 1 else ""
+            again = " again" if attempt.number > 1 else ""
             raise Cancelled(f"the caller stopped waiting: the unit of work was not run{again}")
         with _Outermost(registry, timeouts) as unit:
             try:
@@ -319,7 +318,7 @@ def run_in_transaction(
                 if (
                     not unit.committed
                     and (cancelled is None or not cancelled.is_set())
-                    and Attempt(number, policy, started).failed(error) is Next.RETRY
+                    and attempt.failed(error) is Next.RETRY
                 ):
                     continue
                 raise
