@@ -69,22 +69,34 @@ def test_a_transient_failure_is_run_again(registry, db):
     assert db.notes() == ["run 2"]
 
 
-def test_cancelling_the_awaiting_task_rolls_the_unit_of_work_back(registry, db):
-    started, proceed = threading.Event(), threading.Event()
+class Held:
+    """A unit of work that adds a note, says it has started, and waits to be let go."""
 
-    def slow() -> None:
-        registry.get().add(Note("cancelled"))
-        started.set()
-        proceed.wait(10)  # the caller gives up meanwhile
+    def __init__(self, registry, body: str) -> None:
+        self.registry, self.body = registry, body
+        self.started, self.proceed = threading.Event(), threading.Event()
+
+    def __call__(self) -> None:
+        self.registry.get().add(Note(self.body))
+        self.started.set()
+        self.proceed.wait(10)
+
+    async def under_way(self) -> None:
+        """Return once the unit of work has started (without blocking the event loop)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.started.wait, 10)
+
+
+def test_cancelling_the_awaiting_task_rolls_the_unit_of_work_back(registry, db):
+    slow = Held(registry, "cancelled")
 
     async def main() -> None:
         async with AsyncStores(registry) as stores:
             task = asyncio.create_task(stores.run(slow))
-            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
-            task.cancel()
+            await slow.under_way()
+            task.cancel()  # the caller gives up while the unit of work runs
             with pytest.raises(asyncio.CancelledError):
                 await task
-            proceed.set()
+            slow.proceed.set()
 
     asyncio.run(main())
 
@@ -123,19 +135,14 @@ def test_calls_waiting_when_the_stores_close_are_run_first(registry, db):
 
 
 def test_a_unit_of_work_finishing_right_after_its_task_was_cancelled_is_rolled_back(registry, db):
-    started, proceed = threading.Event(), threading.Event()
-
-    def slow() -> None:
-        registry.get().add(Note("cancelled"))
-        started.set()
-        proceed.wait(10)
+    slow = Held(registry, "cancelled")
 
     async def main() -> None:
         async with AsyncStores(registry) as stores:
             task = asyncio.create_task(stores.run(slow))
-            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            await slow.under_way()
             task.cancel()
-            proceed.set()
+            slow.proceed.set()
             time.sleep(0.3)  # the unit of work ends before the task hears it was cancelled
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -198,21 +205,16 @@ def test_a_unit_of_work_outliving_its_timed_out_loop_logs_nothing(registry, db, 
 
 
 def test_closing_again_after_a_cancelled_close_waits_for_the_threads(registry, db):
-    started, proceed = threading.Event(), threading.Event()
-
-    def slow() -> None:
-        registry.get().add(Note("finished"))
-        started.set()
-        proceed.wait(10)
+    slow = Held(registry, "finished")
 
     async def main() -> None:
         stores = AsyncStores(registry)
         running = asyncio.ensure_future(stores.run(slow))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        await slow.under_way()
         closing = asyncio.ensure_future(stores.aclose())
         await asyncio.sleep(0.05)
         closing.cancel()
-        asyncio.get_running_loop().call_later(0.2, proceed.set)
+        asyncio.get_running_loop().call_later(0.2, slow.proceed.set)
         await stores.aclose()
         workers = [t for t in threading.enumerate() if re.fullmatch(r"middlestorm-aio-\d+", t.name)]
         assert workers == []
